@@ -1,0 +1,90 @@
+"""Command-line entry for training: argv clean-up, then Hydra composes the config and the trainer runs.
+
+Three launcher habits would otherwise break Hydra, so they are fixed here before Hydra parses anything:
+- the deepspeed launcher appends `--local_rank=N`, which Hydra rejects;
+- `+zero=3` reaches Hydra as the integer 3, and group choices must be strings;
+- `model=7b` without the `+` is rejected because the groups are not in the defaults list.
+"""
+
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import List
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from dstrain.config import ConfigError, TrainConfig, register_schema
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_GROUPS = frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+_GROUP_OVERRIDE = re.compile(r"^(?P<plus>\+{0,2})(?P<group>[A-Za-z_]\w*)=(?P<value>.*)$")
+_PLAIN_CHOICES = re.compile(r"^[\w.-]+(,[\w.-]+)*$")
+_LOCAL_RANK = re.compile(r"^--local_rank(=(?P<value>\d+))?$")
+
+
+def normalize_argv(argv: List[str], groups=CONFIG_GROUPS) -> List[str]:
+    """Return argv as Hydra needs it. `--local_rank` is dropped (LOCAL_RANK in the environment stays the
+    source of truth), and `[+]group=a[,b]` for a known group becomes `+group='a'[,'b']`."""
+    normalized = []
+    args = iter(argv)
+    for arg in args:
+        local_rank = _LOCAL_RANK.match(arg)
+        if local_rank:
+            value = local_rank.group("value") or next(args, None)
+            if value is not None:
+                os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        match = _GROUP_OVERRIDE.match(arg)
+        if match and match.group("group") in groups:
+            value = match.group("value")
+            if _PLAIN_CHOICES.match(value):
+                value = ",".join(f"'{choice}'" for choice in value.split(","))
+            arg = f"{match.group('plus') or '+'}{match.group('group')}={value}"
+        normalized.append(arg)
+    return normalized
+
+
+def run_name_from_overrides() -> str:
+    """The run directory's name: the command-line overrides, so that every rank and every restart of the
+    same command agrees on it without a timestamp."""
+    name = HydraConfig.get().job.override_dirname.replace("'", "").replace(os.sep, "_")
+    if not name:
+        return "default"
+    if len(name) > 100:
+        name = f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(dict_config) -> None:
+    from dstrain.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    cfg: TrainConfig = OmegaConf.to_object(dict_config)
+    try:
+        train(cfg, run_dir)
+    except ConfigError as error:
+        # Hydra would print a traceback; a config mistake deserves one clear line and its own exit code.
+        print(f"dstrain: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    argv = normalize_argv(sys.argv[1:])
+    if _rank() != 0:
+        # One copy of the composed config in the run directory is enough.
+        argv.append("hydra.output_subdir=null")
+    sys.argv = [sys.argv[0], *argv]
+    register_schema()
+    if not OmegaConf.has_resolver("dstrain_run_name"):
+        OmegaConf.register_new_resolver("dstrain_run_name", run_name_from_overrides)
+    _hydra_main()

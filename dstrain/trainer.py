@@ -1,0 +1,247 @@
+"""The training loop: config in, a trained DeepSpeed engine and checkpoints out. Read it top to bottom."""
+
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import datasets
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from deepspeed.accelerator import get_accelerator
+
+from dstrain.checkpoint import CheckpointManager, TrainState
+from dstrain.config import TrainConfig, validate, validate_accelerator
+from dstrain.data import BatchPlan, build_tokenizer, eval_batches, packed_blocks
+from dstrain.deepspeed_config import build_deepspeed_config
+from dstrain.metrics import MetricsLogger
+from dstrain.model import build_model, model_fingerprint, parameter_counts, weight_decay_groups
+
+log = logging.getLogger("dstrain")
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> None:
+    validate(cfg)
+    validate_accelerator(cfg, get_accelerator())
+    rank, world_size = init_distributed()
+    setup_logging(rank, run_dir)
+    seed_everything(cfg.trainer.seed)
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+    trainer = cfg.trainer
+    ds_config = build_deepspeed_config(cfg, world_size)
+    log.info("run directory: %s", run_dir)
+    log.info(
+        "global batch: %d sequences of %d tokens (micro-batch %d x accumulation %d x %d ranks)",
+        ds_config["train_batch_size"], cfg.data.seq_len, trainer.micro_batch_size,
+        trainer.gradient_accumulation_steps, world_size,
+    )
+
+    tokenizer = build_tokenizer(cfg)
+    with rank_zero_first(rank):
+        train_blocks = packed_blocks(cfg, tokenizer, "train")
+        val_blocks = packed_blocks(cfg, tokenizer, "val") if trainer.eval_every else None
+
+    # Keeping this object alive is what tells transformers to build the model inside deepspeed.zero.Init.
+    hf_deepspeed_config = _register_zero3_with_transformers(ds_config)
+    model = build_model(cfg, tokenizer)
+    total, trainable = parameter_counts(model)
+    log.info("model %s: %s parameters, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
+    fingerprint = model_fingerprint(model)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
+        config=ds_config,
+        # Handing the scheduler to DeepSpeed is what puts its state into every checkpoint.
+        lr_scheduler=lambda optimizer: warmup_cosine_schedule(optimizer, cfg),
+    )
+    del hf_deepspeed_config
+
+    checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world_size, fingerprint)
+    state = TrainState()
+    resume_from = checkpoints.resolve(trainer.resume)
+    if resume_from is not None:
+        state = checkpoints.load(engine, resume_from)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    plan = BatchPlan(
+        train_blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank
+    )
+    metrics = MetricsLogger(run_dir, cfg.logger.name, rank == 0, trainer.max_steps, state.step)
+    tokens_per_step = plan.global_batch * cfg.data.seq_len
+    # DeepSpeed's plain fp32 path clips without keeping the norm; its grads are whole on every rank there.
+    engine_skips_grad_norm = engine.zero_optimization_stage() == 0 and cfg.precision.dtype == "fp32"
+    engine.train()
+    step_started = time.perf_counter()
+
+    while state.step < trainer.max_steps:
+        step = state.step + 1
+        micro_losses, grad_norm = [], None
+        for micro_step in range(trainer.gradient_accumulation_steps):
+            input_ids = plan.micro_batch(step, micro_step).to(device)
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            engine.backward(loss)
+            if engine_skips_grad_norm and engine.is_gradient_accumulation_boundary():
+                grad_norm = replicated_grad_norm(engine.module)
+            engine.step()
+            micro_losses.append(loss.detach().float())
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+        state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
+        loss = mean_over_ranks(torch.stack(micro_losses).mean())
+
+        now = time.perf_counter()
+        elapsed, step_started = now - step_started, now
+        metrics.advance(step, loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: the loss is {loss}")
+        if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1:
+            metrics.log(step, {
+                "loss": loss,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_step / elapsed,
+                "samples_per_s": plan.global_batch / elapsed,
+                "epoch": plan.epoch_of_step(step),
+                **_loss_scale_metrics(engine, cfg),
+            })
+        else:
+            metrics.log(step, {"loss": loss, "lr": engine.get_lr()[0]}, echo=False)
+
+        is_last = step == trainer.max_steps
+        if trainer.eval_every and (step % trainer.eval_every == 0 or is_last):
+            eval_loss = evaluate(engine, val_blocks, trainer, world_size, rank, device)
+            metrics.log(step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+        if (trainer.save_every and step % trainer.save_every == 0) or is_last:
+            path = checkpoints.save(engine, state)
+            log.info("saved checkpoint %s", path)
+        step_started = time.perf_counter()
+
+    metrics.close()
+    log.info("done: step %d of %d", state.step, trainer.max_steps)
+    dist.barrier()
+
+
+def evaluate(engine, blocks, trainer, world_size: int, rank: int, device) -> float:
+    engine.eval()
+    total, count = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for input_ids in eval_batches(blocks, trainer.micro_batch_size, world_size, rank, trainer.eval_batches):
+            input_ids = input_ids.to(device)
+            total += engine(input_ids=input_ids, labels=input_ids).loss.float()
+            count += 1
+    engine.train()
+    return mean_over_ranks(total / max(count, 1))
+
+
+def warmup_cosine_schedule(optimizer, cfg: TrainConfig):
+    warmup, max_steps = cfg.scheduler.warmup_steps, cfg.trainer.max_steps
+    floor = cfg.scheduler.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value.item() / dist.get_world_size()
+
+
+def replicated_grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+
+
+def _loss_scale_metrics(engine, cfg: TrainConfig) -> dict:
+    if cfg.precision.dtype != "fp16":
+        return {}
+    return {"loss_scale": float(engine.optimizer.cur_scale), "skipped_steps": int(engine.skipped_steps)}
+
+
+def _register_zero3_with_transformers(ds_config: dict):
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+class rank_zero_first:
+    """Rank 0 prepares (and caches) the data first; the others then read its cache."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __enter__(self):
+        if self.rank != 0:
+            dist.barrier()
+
+    def __exit__(self, *exc):
+        if self.rank == 0 and exc[0] is None:
+            dist.barrier()
+
+
+def init_distributed():
+    """Join the process group that the launcher (deepspeed, torchrun, srun) described in the environment.
+    A plain `python launch/train.py` becomes a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one machine share its cores; without this each would start a thread per core.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), timeout=timedelta(minutes=30), verbose=False
+    )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    """Rank 0 tells the user what happens; other ranks only speak up about problems."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    logging.basicConfig(level=level, format=f"{prefix}%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    datasets.disable_progress_bars()
+    # DeepSpeed still calls the old names of these collectives; the warning is not the user's to act on.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    if rank != 0:
+        transformers.logging.set_verbosity_error()
