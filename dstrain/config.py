@@ -221,6 +221,13 @@ def validate(cfg: TrainConfig) -> None:
             f"trainer.max_steps={trainer.max_steps}"
         )
 
+    # conf/model/pretrained.yaml says `pretrained: ???`, but merging MISSING over the schema's None keeps None,
+    # so without this check `+model=pretrained` alone would quietly train the tiny shape from scratch.
+    if cfg.model.name == "pretrained" and not cfg.model.pretrained:
+        raise ConfigError(
+            "+model=pretrained needs a Hugging Face directory: model.pretrained=/path/to/model_dir"
+        )
+
     data = cfg.data
     if data.name == "files" and not data.train_files:
         raise ConfigError("data.name=files needs data.train_files, e.g. data.train_files=[/abs/path/train.jsonl]")

@@ -1,5 +1,7 @@
 """The model: a Llama preset or a pretrained directory, with gradient checkpointing and PEFT applied."""
 
+import contextlib
+import hashlib
 from dataclasses import asdict
 from typing import Tuple
 
@@ -38,6 +40,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
         model.config.use_cache = False
     else:
         model = AutoModelForCausalLM.from_config(llama_config(cfg.model), dtype=torch.float32)
+        initialize_weights(model, cfg.trainer.seed)
     vocab_size = model.config.vocab_size
     if len(tokenizer) > vocab_size:
         raise ConfigError(
@@ -49,8 +52,34 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
         # each block do not require grad; enable it before PEFT wraps the model.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.method == "lora":
+        torch.manual_seed(cfg.trainer.seed)
         model = _apply_lora(model, cfg)
     return model
+
+
+def initialize_weights(model: torch.nn.Module, seed: int) -> None:
+    """Llama's initialisation (normal matrices, unit norms, zero biases) from a generator seeded by each
+    parameter's name. The initial weights then depend only on the seed, not on the ZeRO stage, the number
+    of ranks or the order in which deepspeed.zero.Init happened to build the modules."""
+    std = model.config.initializer_range
+    for name, parameter in model.named_parameters():
+        with _gathered(parameter):
+            generator = torch.Generator(device=parameter.device)
+            generator.manual_seed(int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:15], 16))
+            with torch.no_grad():
+                if parameter.dim() >= 2:
+                    parameter.normal_(0.0, std, generator=generator)
+                else:
+                    parameter.fill_(1.0 if "norm" in name else 0.0)
+
+
+def _gathered(parameter: torch.nn.Parameter):
+    """The whole of a ZeRO-3 partitioned parameter for the duration, rank 0's values kept on exit."""
+    if not hasattr(parameter, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(parameter, modifier_rank=0)
 
 
 def _apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:

@@ -54,6 +54,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
     # Keeping this object alive is what tells transformers to build the model inside deepspeed.zero.Init.
     hf_deepspeed_config = _register_zero3_with_transformers(ds_config)
     model = build_model(cfg, tokenizer)
+    # Whatever building consumed, training draws the same random numbers under every ZeRO stage.
+    seed_everything(cfg.trainer.seed)
     total, trainable = parameter_counts(model)
     log.info("model %s: %s parameters, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
     fingerprint = model_fingerprint(model)

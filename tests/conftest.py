@@ -1,0 +1,75 @@
+"""Helpers that run the real entry point in real processes, as a user would."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "launch" / "train.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+class Run:
+    def __init__(self, completed: subprocess.CompletedProcess, run_dir: Path):
+        self.returncode = completed.returncode
+        self.output = completed.stdout
+        self.run_dir = run_dir
+
+    def metrics(self):
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def losses(self):
+        return {row["step"]: row["loss"] for row in self.metrics() if "loss" in row}
+
+
+def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", check: bool = True, timeout=600):
+    """Run launch/train.py under the deepspeed launcher (ranks >= 1) or as a plain process (ranks=0)."""
+    args = [*overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
+    if ranks:
+        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *args]
+    else:
+        command = [sys.executable, str(TRAIN), *args]
+    completed = subprocess.run(
+        command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=timeout,
+    )
+    run = Run(completed, tmp_path / "outputs" / name)
+    if check and completed.returncode != 0:
+        pytest.fail(f"training failed ({completed.returncode}):\n{completed.stdout[-6000:]}")
+    return run
+
+
+@pytest.fixture
+def tiny_pretrained_dir(tmp_path_factory):
+    """A Hugging Face directory (weights and tokenizer) written by the test itself: no hub needed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dstrain.config import ModelConfig
+    from dstrain.data import byte_level_tokenizer
+    from dstrain.model import llama_config
+
+    directory = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(llama_config(ModelConfig()), dtype=torch.float32)
+    model.save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)
+    return directory

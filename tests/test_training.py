@@ -1,0 +1,168 @@
+"""Real multi-rank training on CPU: DeepSpeed engines in separate processes, talking over gloo."""
+
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import train
+
+SHORT = ("trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.save_every=0")
+
+
+def _assert_learns(losses: dict, steps: int):
+    assert sorted(losses) == list(range(1, steps + 1))
+    values = [losses[step] for step in sorted(losses)]
+    assert all(math.isfinite(value) for value in values)
+    first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+    assert last < 0.95 * first, f"loss did not fall: {values}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
+def test_two_ranks_train_with_every_zero_stage_and_precision(tmp_path, zero, precision):
+    run = train(tmp_path, f"+zero={zero}", f"+precision={precision}", *SHORT)
+    _assert_learns(run.losses(), 12)
+    assert "global batch: 16 sequences" in run.output
+    assert (run.run_dir / "checkpoints" / "step_00000012" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["2_offload", "3_offload"])
+def test_offload_presets_train(tmp_path, zero):
+    run = train(tmp_path, f"+zero={zero}", *SHORT)
+    _assert_learns(run.losses(), 12)
+
+
+@pytest.mark.slow
+def test_zero0_and_zero3_give_the_same_losses_in_fp32(tmp_path):
+    zero0 = train(tmp_path, "+zero=0", *SHORT, name="zero0").losses()
+    zero3 = train(tmp_path, "+zero=3", *SHORT, name="zero3").losses()
+    assert zero0.keys() == zero3.keys()
+    for step in zero0:
+        assert zero3[step] == pytest.approx(zero0[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
+    accumulated = train(
+        tmp_path, "+zero=2", *SHORT, "trainer.micro_batch_size=2", "trainer.gradient_accumulation_steps=2",
+        name="accumulated",
+    )
+    single = train(tmp_path, "+zero=2", *SHORT, "trainer.micro_batch_size=4", name="single")
+    assert "micro-batch 2 x accumulation 2 x 2 ranks" in accumulated.output
+    for step, loss in single.losses().items():
+        assert accumulated.losses()[step] == pytest.approx(loss, rel=1e-5, abs=1e-6), f"step {step}"
+
+
+@pytest.mark.slow
+def test_lora_under_zero3_with_gradient_checkpointing(tmp_path, tiny_pretrained_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run = train(
+        tmp_path, f"model.pretrained={tiny_pretrained_dir}", "+peft=lora", "+zero=3",
+        "trainer.gradient_checkpointing=true", "optim.lr=1e-2", *SHORT,
+    )
+    assert re.search(r"parameters, [\d,]+ trainable", run.output)
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(run.run_dir / "checkpoints"), tag="step_00000012")
+    original = load_file(tiny_pretrained_dir / "model.safetensors")
+
+    lora_b = {name: tensor for name, tensor in trained.items() if "lora_B" in name}
+    assert len(lora_b) == 2 * 7, sorted(lora_b)  # 2 layers x 7 target projections
+    for name, tensor in lora_b.items():
+        assert tensor.numel() > 0 and tensor.abs().max() > 0, f"{name} never trained"
+
+    base = {
+        name.removeprefix("base_model.model.").replace(".base_layer", ""): tensor
+        for name, tensor in trained.items()
+        if "lora_" not in name
+    }
+    assert base.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(base[name], tensor), f"frozen weight {name} changed"
+
+
+@pytest.mark.slow
+def test_default_run_learns_saves_and_resumes(tmp_path):
+    """`deepspeed launch/train.py` exactly as a new user types it, then a longer run that picks it up."""
+    from conftest import TRAIN, _env
+    import subprocess
+
+    completed = subprocess.run(
+        ["deepspeed", str(TRAIN)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout[-4000:]
+    run_dir = tmp_path / "outputs" / "default"
+    assert (run_dir / "checkpoints" / "step_00000200" / "manifest.json").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "parameters" in completed.stdout and "eval_perplexity" in completed.stdout
+
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
+    assert len(losses) == 200
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    assert evals[-1] < evals[0]
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_from_the_saved_step(tmp_path):
+    first = train(tmp_path, "trainer.max_steps=20", "trainer.save_every=10", "trainer.eval_every=0", name="resumed")
+    second = train(
+        tmp_path, "trainer.max_steps=30", "trainer.save_every=10", "trainer.eval_every=0", "trainer.resume=auto",
+        name="resumed",
+    )
+    assert "resumed from" in second.output and "at step 20" in second.output
+    steps = [row["step"] for row in second.metrics() if "loss" in row]
+    assert steps == list(range(1, 31)), "the second run must continue at step 21, not start over"
+    assert (first.run_dir / "checkpoints" / "step_00000030" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
+    train(tmp_path, "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", name="kept")
+    again = train(
+        tmp_path, "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0",
+        "trainer.resume=never", name="kept", check=False,
+    )
+    assert again.returncode != 0
+    assert "already holds checkpoints" in again.output and "trainer.resume=auto" in again.output
+
+
+@pytest.mark.slow
+def test_pretrained_directory_loads_and_trains(tmp_path, tiny_pretrained_dir):
+    """Weights, tokenizer and data order all come through: step 1's loss equals the saved model's own loss
+    on the first batch, computed here without dstrain's trainer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dstrain.config import TrainConfig
+    from dstrain.data import BatchPlan, packed_blocks
+
+    run = train(tmp_path, f"model.pretrained={tiny_pretrained_dir}", *SHORT, ranks=0)
+    losses = run.losses()
+    _assert_learns(losses, 12)
+
+    cfg = TrainConfig()
+    cfg.model.pretrained = str(tiny_pretrained_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained_dir)
+    plan = BatchPlan(packed_blocks(cfg, tokenizer, "train"), cfg.trainer.seed, cfg.trainer.micro_batch_size, 1, 1, 0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir, dtype=torch.float32)
+    batch = plan.micro_batch(1, 0)
+    with torch.no_grad():
+        expected = model(input_ids=batch, labels=batch).loss.item()
+    assert losses[1] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    train(tmp_path, *SHORT, name="shape")
+    wider = train(tmp_path, *SHORT, "model.hidden_size=128", "trainer.resume=auto", name="shape", check=False)
+    assert wider.returncode != 0
+    assert "is from another model" in wider.output
+    assert "[258, 64] in the checkpoint but [258, 128] in this model" in wider.output
