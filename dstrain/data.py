@@ -109,15 +109,20 @@ def _raw_documents(cfg: TrainConfig, split: str) -> datasets.Dataset:
     for path in paths:
         if not Path(path).is_file():
             raise ConfigError(f"data.{split}_files: {path} does not exist. Give absolute paths to existing files.")
-    return datasets.Dataset.from_generator(
-        _documents_from_files,
-        gen_kwargs={
-            "paths": paths,
-            "file_format": data.format,
-            "text_field": data.text_field,
-            "fingerprint": _file_fingerprint(paths),
-        },
-    )
+    try:
+        return datasets.Dataset.from_generator(
+            _documents_from_files,
+            gen_kwargs={
+                "paths": paths,
+                "file_format": data.format,
+                "text_field": data.text_field,
+                "fingerprint": _file_fingerprint(paths),
+            },
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, ConfigError):
+            raise error.__cause__ from None
+        raise
 
 
 def packed_blocks(cfg: TrainConfig, tokenizer, split: str) -> datasets.Dataset:

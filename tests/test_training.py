@@ -166,3 +166,33 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     assert wider.returncode != 0
     assert "is from another model" in wider.output
     assert "[258, 64] in the checkpoint but [258, 128] in this model" in wider.output
+
+
+@pytest.mark.slow
+def test_trains_on_local_jsonl_files(tmp_path):
+    import json
+
+    from dstrain.data import builtin_documents
+
+    for split, count, seed in (("train", 600, 1), ("val", 60, 2)):
+        with open(tmp_path / f"{split}.jsonl", "w") as handle:
+            for text in builtin_documents(count, seed):
+                handle.write(json.dumps({"id": seed, "body": text}) + "\n")
+    run = train(
+        tmp_path, "+data=files", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+        f"data.val_files=[{tmp_path / 'val.jsonl'}]", "data.text_field=body", "data.seq_len=64",
+        "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=6", "trainer.eval_batches=2",
+    )
+    _assert_learns(run.losses(), 12)
+    assert len([row for row in run.metrics() if "eval_loss" in row]) == 2
+
+
+@pytest.mark.slow
+def test_malformed_data_line_stops_the_run_with_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a fine line"}\n{"text": oops}\n')
+    run = train(
+        tmp_path, "+data=files", f"data.train_files=[{data}]", "trainer.eval_every=0", *SHORT[:2], check=False,
+    )
+    assert run.returncode != 0
+    assert f"dstrain: config error: {data}:2: not valid JSON" in run.output
