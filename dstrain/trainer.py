@@ -58,6 +58,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
     seed_everything(cfg.trainer.seed)
     total, trainable = parameter_counts(model)
     log.info("model %s: %s parameters, %s trainable", cfg.model.name, f"{total:,}", f"{trainable:,}")
+    if hf_deepspeed_config is not None:
+        tensors = list(model.parameters())
+        partitioned = sum(hasattr(parameter, "ds_id") for parameter in tensors)
+        log.info("ZeRO-3: %d of %d parameter tensors partitioned as they were built", partitioned, len(tensors))
     fingerprint = model_fingerprint(model)
 
     engine, _, _, _ = deepspeed.initialize(

@@ -27,7 +27,10 @@ def test_two_ranks_train_with_every_zero_stage_and_precision(tmp_path, zero, pre
     run = train(tmp_path, f"+zero={zero}", f"+precision={precision}", *SHORT)
     _assert_learns(run.losses(), 12)
     assert "global batch: 16 sequences" in run.output
+    assert run.output.count("run directory:") == 1, "only rank 0 reports"
     assert (run.run_dir / "checkpoints" / "step_00000012" / "manifest.json").is_file()
+    if zero == "3":
+        assert "ZeRO-3: 21 of 21 parameter tensors partitioned as they were built" in run.output
 
 
 @pytest.mark.slow
