@@ -1,14 +1,25 @@
-"""DeepSpeed checkpoints in <run dir>/checkpoints/step_NNNNNNNN, each completed by a manifest.
+"""Checkpoints that cannot be half-written, and resume that never trusts one that was.
 
-Every rank calls save and load (ZeRO shards live on every rank). A checkpoint counts only once rank 0 has
-written `manifest.json` after all ranks finished writing, so a save cut short is never resumed from.
+Layout under <run dir>/checkpoints:
+    step_00000100/      a complete checkpoint: DeepSpeed's files, rng_state_rank*.pt, manifest.json
+    .staging-step_...   a save in progress (or one cut short): never loaded, removed by the next save
+    latest              the newest complete tag, replaced atomically
+
+Every rank writes its shards into the staging directory. After a barrier, rank 0 writes the manifest (every
+file with its size, step, world size, ZeRO stage, parameter shapes), renames the directory into place, points
+`latest` at it and prunes old checkpoints. A directory without a manifest, or whose files no longer match it,
+is skipped with a log line saying why, and resume falls back to the one before.
 """
 
 import json
+import logging
+import os
 import random
+import shutil
+from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -16,7 +27,12 @@ import torch.distributed as dist
 
 from dstrain.config import ConfigError
 
+log = logging.getLogger("dstrain")
+
 MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
+# Settings that say how to start, not what is trained: a change in these is not worth a warning.
+RESUME_INDEPENDENT_KEYS = {"trainer.resume"}
 
 
 @dataclass
@@ -35,77 +51,182 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def problem_with(path: Path) -> Optional[str]:
+    """Why the checkpoint at path cannot be loaded, or None if it looks whole."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as error:
+        return f"no readable {MANIFEST} ({error})"
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+        if file.suffix == ".pt":
+            try:
+                # mmap reads the archive's index and pickled structure, not the tensor data.
+                torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+            except Exception as error:  # noqa: BLE001 - any unreadable file disqualifies the checkpoint
+                return f"{name} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
 class CheckpointManager:
-    def __init__(self, directory: Path, rank: int, world_size: int, fingerprint: dict):
+    def __init__(
+        self, directory: Path, rank: int, world_size: int, fingerprint: dict, config: dict, keep_last: int,
+        keep_every: int,
+    ):
         self.directory = directory
+        self.config = config
         self.rank = rank
         self.world_size = world_size
         self.fingerprint = fingerprint
+        self.keep_last = keep_last
+        self.keep_every = keep_every
 
-    def complete_checkpoints(self):
-        """Complete checkpoint directories, oldest first."""
+    def checkpoints(self) -> List[Path]:
+        """Directories that have a manifest, oldest first. Whether their files are whole is checked at load."""
         if not self.directory.is_dir():
             return []
         found = [path for path in self.directory.glob("step_*") if (path / MANIFEST).is_file()]
-        return sorted(found, key=lambda path: json.loads((path / MANIFEST).read_text())["step"])
+        return sorted(found, key=lambda path: read_manifest(path)["step"])
 
     def save(self, engine, state: TrainState) -> Path:
         tag = f"step_{state.step:08d}"
+        staging = self.directory / f"{STAGING_PREFIX}{tag}"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for leftover in self.directory.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(leftover)
+        dist.barrier()
         client_state = {
             "train_state": asdict(state),
             # ds_to_universal needs this key to convert ZeRO-1/2 checkpoints for another world size.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
         }
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state)
-        path = self.directory / tag
-        torch.save(_rng_state(), path / f"rng_state_rank{self.rank}.pt")
+        engine.save_checkpoint(str(self.directory), tag=staging.name, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
         dist.barrier()
+        final = self.directory / tag
         if self.rank == 0:
+            files = {
+                str(file.relative_to(staging)): file.stat().st_size for file in sorted(staging.rglob("*")) if file.is_file()
+            }
             manifest = {
                 "step": state.step,
                 "samples_consumed": state.samples_consumed,
                 "world_size": self.world_size,
                 "zero_stage": engine.zero_optimization_stage(),
+                "versions": {name: version(name) for name in ("dstrain", "deepspeed", "torch", "transformers")},
+                "config": self.config,
                 "parameters": self.fingerprint,
+                "files": files,
             }
-            (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # the same step saved again after resuming from an older checkpoint
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            _write_atomically(self.directory / "latest", tag)
+            self._prune()
         dist.barrier()
-        return path
+        return final
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """The checkpoint that trainer.resume asks for, or None for a fresh start."""
-        existing = self.complete_checkpoints()
+    def _prune(self) -> None:
+        """Keep the newest keep_last checkpoints and every keep_every-th step; called on rank 0 only, after
+        the newest checkpoint is complete."""
+        if self.keep_last <= 0:
+            return
+        existing = self.checkpoints()
+        for path in existing[: -self.keep_last]:
+            step = read_manifest(path)["step"]
+            if self.keep_every and step % self.keep_every == 0:
+                continue
+            shutil.rmtree(path)
+
+    def candidates(self, resume: str) -> List[Path]:
+        """Checkpoints to try, in order, for trainer.resume; empty for a fresh start."""
+        existing = self.checkpoints()
         if resume == "auto":
-            return existing[-1] if existing else None
+            return existing[::-1]
         if resume == "never":
             if existing:
                 raise ConfigError(
                     f"{self.directory} already holds checkpoints (newest: {existing[-1].name}). "
                     f"Continue with trainer.resume=auto, or start a separate run with run.name=<new name>."
                 )
-            return None
+            return []
         path = Path(resume).resolve()
         if not (path / MANIFEST).is_file():
             raise ConfigError(
                 f"trainer.resume={resume}: {path} is not a complete dstrain checkpoint (no {MANIFEST}). "
                 f"Point it at a step_* directory that has one, or use trainer.resume=auto."
             )
-        return path
+        return [path]
 
-    def load(self, engine, path: Path) -> TrainState:
-        manifest = json.loads((path / MANIFEST).read_text())
-        self._check_same_model(path, manifest["parameters"])
+    def resume(self, engine, resume: str) -> Optional[TrainState]:
+        """Load the newest loadable checkpoint that trainer.resume allows; None if there is none."""
+        candidates = self.candidates(resume)
+        for path in candidates:
+            self.check_same_model(path)
+            problem = problem_with(path)
+            if _all_ranks_agree(problem is None):
+                return self._load(engine, path)
+            if resume != "auto":
+                raise ConfigError(
+                    f"trainer.resume={resume}: the checkpoint is damaged: {problem or 'another rank found a bad file'}."
+                    f" Point trainer.resume at another step_* directory, or use trainer.resume=auto."
+                )
+            if problem is not None:
+                log.warning("skipping checkpoint %s: %s", path, problem)
+        if candidates:
+            log.warning("no loadable checkpoint in %s; starting from step 0", self.directory)
+        return None
+
+    def _load(self, engine, path: Path) -> TrainState:
+        manifest = read_manifest(path)
+        self._warn_about_changed_settings(manifest.get("config", {}))
         _, client_state = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client_state is None:
             raise ConfigError(f"DeepSpeed could not load the checkpoint at {path}")
         rng_file = path / f"rng_state_rank{self.rank}.pt"
-        if manifest["world_size"] == self.world_size and rng_file.is_file():
+        if manifest["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
+        log.info("resumed from %s at step %d", path, manifest["step"])
         return TrainState(**client_state["train_state"])
 
-    def _check_same_model(self, path: Path, saved: dict) -> None:
+    def _warn_about_changed_settings(self, saved: dict) -> None:
+        changed = [
+            f"{key}: {saved.get(key)!r} -> {value!r}"
+            for key, value in self.config.items()
+            if saved.get(key) != value and key not in RESUME_INDEPENDENT_KEYS
+        ]
+        if changed:
+            log.warning("resuming with changed settings: %s", "; ".join(changed))
+
+    def check_same_model(self, path: Path) -> None:
+        saved = read_manifest(path)["parameters"]
         if saved == self.fingerprint:
             return
         missing = sorted(set(saved) - set(self.fingerprint))

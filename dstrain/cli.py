@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from dstrain.config import ConfigError, TrainConfig, register_schema
+from dstrain.preemption import PREEMPTED_EXIT_CODE
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
@@ -71,11 +72,13 @@ def _hydra_main(dict_config) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     cfg: TrainConfig = OmegaConf.to_object(dict_config)
     try:
-        train(cfg, run_dir)
+        finished = train(cfg, run_dir)
     except ConfigError as error:
         # Hydra would print a traceback; a config mistake deserves one clear line and its own exit code.
         print(f"dstrain: config error: {error}", file=sys.stderr)
         sys.exit(2)
+    if not finished:
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def main() -> None:

@@ -115,6 +115,11 @@ class TrainerConfig:
     eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 100
+    # Checkpoints kept: the newest keep_last (0 keeps all), plus every keep_every-th step (0: none) forever.
+    keep_last: int = 3
+    keep_every: int = 0
+    # How long a rank waits in a collective for a peer that died before giving up with an error.
+    collective_timeout_s: float = 1800.0
     # "auto": continue from the newest checkpoint in the run directory, if any.
     # "never": start fresh, and refuse to if the run directory already has checkpoints.
     # A path: load that checkpoint directory.

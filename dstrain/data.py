@@ -151,11 +151,12 @@ def packed_blocks(cfg: TrainConfig, tokenizer, split: str) -> datasets.Dataset:
 class BatchPlan:
     """Which blocks each rank reads at each step.
 
-    Each epoch is a seeded permutation of all blocks. Optimizer step s (1-based) of the run consumes the
-    global_batch blocks after the first (s-1)*global_batch, wherever the epoch boundaries fall, and each
-    micro-batch of each rank takes its own slice of them. The blocks of a step therefore depend only on the
-    seed and the global batch size, not on how it is split into ranks, micro-batches and accumulation steps,
-    and the position to resume from is just the step.
+    Each epoch is a seeded permutation of all blocks, and the run reads the epochs one after another as a
+    single stream. An optimizer step takes the next global_batch blocks of that stream, wherever the epoch
+    boundaries fall, and each micro-batch of each rank takes its own slice of them. The blocks of a step
+    therefore depend only on the seed and the samples consumed before it, not on how the global batch is
+    split into ranks, micro-batches and accumulation steps, and the position to resume from, on any number
+    of ranks, is just the number of samples consumed.
     """
 
     blocks: datasets.Dataset
@@ -183,12 +184,13 @@ class BatchPlan:
             self._epoch, self._order = epoch, torch.randperm(len(self.blocks), generator=generator)
         return self._order
 
-    def epoch_of_step(self, step: int) -> int:
-        return (step - 1) * self.global_batch // len(self.blocks)
+    def epoch_of_sample(self, sample: int) -> int:
+        return sample // len(self.blocks)
 
-    def micro_batch(self, step: int, micro_step: int) -> torch.Tensor:
+    def micro_batch(self, samples_consumed: int, micro_step: int) -> torch.Tensor:
+        """This rank's blocks for one micro-batch of the step that starts after samples_consumed."""
         blocks_per_epoch = len(self.blocks)
-        first = (step - 1) * self.global_batch + (micro_step * self.world_size + self.rank) * self.micro_batch_size
+        first = samples_consumed + (micro_step * self.world_size + self.rank) * self.micro_batch_size
         positions = range(first, first + self.micro_batch_size)
         indices = [int(self._order_for_epoch(p // blocks_per_epoch)[p % blocks_per_epoch]) for p in positions]
         return self.blocks[indices]["input_ids"]

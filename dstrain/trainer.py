@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,15 +25,18 @@ from dstrain.config import TrainConfig, validate, validate_accelerator
 from dstrain.data import BatchPlan, build_tokenizer, eval_batches, packed_blocks
 from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.metrics import MetricsLogger
+from dstrain.preemption import PREEMPTED_EXIT_CODE, StopSignal
 from dstrain.model import build_model, model_fingerprint, parameter_counts, weight_decay_groups
 
 log = logging.getLogger("dstrain")
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> None:
+def train(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Train until trainer.max_steps; returns False if a stop signal ended the run early (after saving)."""
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
-    rank, world_size = init_distributed()
+    stop_signal = StopSignal()
+    rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
     setup_logging(rank, run_dir)
     seed_everything(cfg.trainer.seed)
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
@@ -53,6 +57,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
 
     # Keeping this object alive is what tells transformers to build the model inside deepspeed.zero.Init.
     hf_deepspeed_config = _register_zero3_with_transformers(ds_config)
+    if cfg.peft.method != "none" and not cfg.model.pretrained:
+        log.warning("peft.method=%s on a randomly initialised model: only the adapters train. "
+                    "Set model.pretrained=<dir> to fine-tune real weights.", cfg.peft.method)
     model = build_model(cfg, tokenizer)
     # Whatever building consumed, training draws the same random numbers under every ZeRO stage.
     seed_everything(cfg.trainer.seed)
@@ -73,12 +80,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
     )
     del hf_deepspeed_config
 
-    checkpoints = CheckpointManager(run_dir / "checkpoints", rank, world_size, fingerprint)
-    state = TrainState()
-    resume_from = checkpoints.resolve(trainer.resume)
-    if resume_from is not None:
-        state = checkpoints.load(engine, resume_from)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints", rank, world_size, fingerprint, flatten(asdict(cfg)), trainer.keep_last,
+        trainer.keep_every,
+    )
+    state = checkpoints.resume(engine, trainer.resume) or TrainState()
 
     plan = BatchPlan(
         train_blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank
@@ -94,7 +100,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
         step = state.step + 1
         micro_losses, grad_norm = [], None
         for micro_step in range(trainer.gradient_accumulation_steps):
-            input_ids = plan.micro_batch(step, micro_step).to(device)
+            input_ids = plan.micro_batch(state.samples_consumed, micro_step).to(device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
             if engine_skips_grad_norm and engine.is_gradient_accumulation_boundary():
@@ -103,8 +109,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
             micro_losses.append(loss.detach().float())
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
+        epoch = plan.epoch_of_sample(state.samples_consumed)
         state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
-        loss = mean_over_ranks(torch.stack(micro_losses).mean())
+        # One collective per step carries both the loss and whether any rank was told to stop.
+        loss_sum, stops = sum_over_ranks([torch.stack(micro_losses).mean(), float(stop_signal.received is not None)])
+        loss = loss_sum / world_size
 
         now = time.perf_counter()
         elapsed, step_started = now - step_started, now
@@ -118,7 +127,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": tokens_per_step / elapsed,
                 "samples_per_s": plan.global_batch / elapsed,
-                "epoch": plan.epoch_of_step(step),
+                "epoch": epoch,
                 **_loss_scale_metrics(engine, cfg),
             })
         else:
@@ -128,14 +137,20 @@ def train(cfg: TrainConfig, run_dir: Path) -> None:
         if trainer.eval_every and (step % trainer.eval_every == 0 or is_last):
             eval_loss = evaluate(engine, val_blocks, trainer, world_size, rank, device)
             metrics.log(step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-        if (trainer.save_every and step % trainer.save_every == 0) or is_last:
+        if (trainer.save_every and step % trainer.save_every == 0) or is_last or stops:
             path = checkpoints.save(engine, state)
             log.info("saved checkpoint %s", path)
+        if stops:
+            log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is "
+                        "restarted, and a restart resumes here", step, PREEMPTED_EXIT_CODE)
+            break
         step_started = time.perf_counter()
 
     metrics.close()
-    log.info("done: step %d of %d", state.step, trainer.max_steps)
+    if not stops:
+        log.info("done: step %d of %d", state.step, trainer.max_steps)
     dist.barrier()
+    return not stops
 
 
 def evaluate(engine, blocks, trainer, world_size: int, rank: int, device) -> float:
@@ -164,9 +179,23 @@ def warmup_cosine_schedule(optimizer, cfg: TrainConfig):
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value.item() / dist.get_world_size()
+    return sum_over_ranks([value])[0] / dist.get_world_size()
+
+
+def sum_over_ranks(values) -> list:
+    packed = torch.tensor([float(value) for value in values], dtype=torch.float64)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return packed.tolist()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def replicated_grad_norm(module: torch.nn.Module) -> float:
@@ -203,7 +232,7 @@ class rank_zero_first:
             dist.barrier()
 
 
-def init_distributed():
+def init_distributed(timeout: timedelta):
     """Join the process group that the launcher (deepspeed, torchrun, srun) described in the environment.
     A plain `python launch/train.py` becomes a world of one."""
     if "RANK" not in os.environ:
@@ -217,7 +246,7 @@ def init_distributed():
     else:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(
-        dist_backend=accelerator.communication_backend_name(), timeout=timedelta(minutes=30), verbose=False
+        dist_backend=accelerator.communication_backend_name(), timeout=timeout, verbose=False
     )
     return dist.get_rank(), dist.get_world_size()
 
@@ -249,5 +278,6 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     datasets.disable_progress_bars()
     # DeepSpeed still calls the old names of these collectives; the warning is not the user's to act on.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if rank != 0:
         transformers.logging.set_verbosity_error()

@@ -104,7 +104,8 @@ def _blocks(count: int):
 
 
 def _step_blocks(plan: BatchPlan, step: int):
-    return [int(row[0]) for micro in range(plan.accumulation_steps) for row in plan.micro_batch(step, micro)]
+    consumed = (step - 1) * plan.global_batch
+    return [int(row[0]) for micro in range(plan.accumulation_steps) for row in plan.micro_batch(consumed, micro)]
 
 
 def test_ranks_read_disjoint_shards_that_make_up_the_global_batch():
@@ -128,7 +129,7 @@ def test_batch_order_is_a_seeded_permutation_per_epoch():
     assert [i for step in (1, 2, 3) for i in _step_blocks(again, step)] == epoch0
     other_seed = BatchPlan(blocks, seed=4, micro_batch_size=4, accumulation_steps=1, world_size=1, rank=0)
     assert [i for step in (1, 2, 3) for i in _step_blocks(other_seed, step)] != epoch0
-    assert plan.epoch_of_step(3) == 0 and plan.epoch_of_step(4) == 1
+    assert plan.epoch_of_sample(11) == 0 and plan.epoch_of_sample(12) == 1
 
 
 def test_fewer_blocks_than_a_global_batch_is_an_error():
@@ -137,5 +138,5 @@ def test_fewer_blocks_than_a_global_batch_is_an_error():
 
 
 def test_micro_batches_are_token_tensors():
-    batch = BatchPlan(_blocks(10), seed=0, micro_batch_size=2, accumulation_steps=1, world_size=1, rank=0).micro_batch(1, 0)
+    batch = BatchPlan(_blocks(10), seed=0, micro_batch_size=2, accumulation_steps=1, world_size=1, rank=0).micro_batch(0, 0)
     assert batch.dtype == torch.int64 and batch.shape == (2, 4)
