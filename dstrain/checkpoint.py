@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from importlib.metadata import version
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ log = logging.getLogger("dstrain")
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+UNIVERSAL = "universal"
+CONVERTED = "conversion_complete"
 # Settings that say how to start, not what is trained: a change in these is not worth a warning.
 RESUME_INDEPENDENT_KEYS = {"trainer.resume"}
 
@@ -183,14 +187,15 @@ class CheckpointManager:
             )
         return [path]
 
-    def resume(self, engine, resume: str) -> Optional[TrainState]:
-        """Load the newest loadable checkpoint that trainer.resume allows; None if there is none."""
+    def choose(self, resume: str) -> Optional[Path]:
+        """The newest checkpoint that trainer.resume allows and whose files are whole; None for a fresh start.
+        Called before the engine exists, so that a checkpoint from another world size can be converted."""
         candidates = self.candidates(resume)
         for path in candidates:
             self.check_same_model(path)
             problem = problem_with(path)
             if _all_ranks_agree(problem is None):
-                return self._load(engine, path)
+                return path
             if resume != "auto":
                 raise ConfigError(
                     f"trainer.resume={resume}: the checkpoint is damaged: {problem or 'another rank found a bad file'}."
@@ -202,11 +207,33 @@ class CheckpointManager:
             log.warning("no loadable checkpoint in %s; starting from step 0", self.directory)
         return None
 
-    def _load(self, engine, path: Path) -> TrainState:
+    def needs_universal(self, path: Path) -> bool:
+        """ZeRO shards are cut for the world size they were saved on; loading them on another world size
+        goes through DeepSpeed's universal checkpoint format."""
+        manifest = read_manifest(path)
+        return manifest["world_size"] != self.world_size and manifest["zero_stage"] > 0
+
+    def convert_to_universal(self, path: Path) -> None:
+        """Convert once, on rank 0, into <checkpoint>/universal; later restarts reuse the result."""
+        target = path / UNIVERSAL
+        if self.rank == 0 and not (target / CONVERTED).is_file():
+            log.info("converting %s from %d ranks to DeepSpeed's universal format for %d ranks",
+                     path, read_manifest(path)["world_size"], self.world_size)
+            shutil.rmtree(target, ignore_errors=True)
+            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                       "--input_folder", str(path), "--output_folder", str(target)]
+            converted = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if converted.returncode != 0:
+                raise RuntimeError(f"ds_to_universal failed on {path}:\n{converted.stdout[-4000:]}")
+            (target / CONVERTED).touch()
+        dist.barrier()
+
+    def load(self, engine, path: Path) -> TrainState:
         manifest = read_manifest(path)
         self._warn_about_changed_settings(manifest.get("config", {}))
+        load_dir, tag = (path, UNIVERSAL) if self.needs_universal(path) else (path.parent, path.name)
         _, client_state = engine.load_checkpoint(
-            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client_state is None:
             raise ConfigError(f"DeepSpeed could not load the checkpoint at {path}")

@@ -53,7 +53,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.peft.method == "lora":
         torch.manual_seed(cfg.trainer.seed)
-        model = _apply_lora(model, cfg)
+        model = apply_lora(model, cfg)
     return model
 
 
@@ -82,7 +82,7 @@ def _gathered(parameter: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(parameter, modifier_rank=0)
 
 
-def _apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(

@@ -69,7 +69,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
         tensors = list(model.parameters())
         partitioned = sum(hasattr(parameter, "ds_id") for parameter in tensors)
         log.info("ZeRO-3: %d of %d parameter tensors partitioned as they were built", partitioned, len(tensors))
-    fingerprint = model_fingerprint(model)
+    checkpoints = CheckpointManager(
+        run_dir / "checkpoints", rank, world_size, model_fingerprint(model), flatten(asdict(cfg)),
+        trainer.keep_last, trainer.keep_every,
+    )
+    resume_from = checkpoints.choose(trainer.resume)
+    if resume_from is not None and checkpoints.needs_universal(resume_from):
+        checkpoints.convert_to_universal(resume_from)
+        ds_config["checkpoint"] = {"load_universal": True}
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -80,11 +87,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
     )
     del hf_deepspeed_config
 
-    checkpoints = CheckpointManager(
-        run_dir / "checkpoints", rank, world_size, fingerprint, flatten(asdict(cfg)), trainer.keep_last,
-        trainer.keep_every,
-    )
-    state = checkpoints.resume(engine, trainer.resume) or TrainState()
+    state = checkpoints.load(engine, resume_from) if resume_from is not None else TrainState()
 
     plan = BatchPlan(
         train_blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank

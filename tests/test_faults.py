@@ -18,9 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 RUN = ("trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.micro_batch_size=32")
 
 
-def _start(tmp_path, *overrides, name):
+def _start(tmp_path, *overrides, name, ranks=2):
     command = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), *overrides,
+        "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *overrides,
         f"run.root={tmp_path / 'outputs'}", f"run.name={name}",
     ]
     return subprocess.Popen(
@@ -162,3 +162,26 @@ def test_retention_keeps_the_newest_and_every_kth(tmp_path):
     )
     kept = sorted(path.name for path in (run.run_dir / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000008", "step_00000010", "step_00000012"]
+
+
+@pytest.mark.parametrize("zero", ["1", "2", "3"])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_on_another_world_size(tmp_path, zero, before, after):
+    """The global batch stays 32 (micro-batch 32 / ranks), so every step reads the same blocks before and
+    after; only the order of floating-point reductions changes."""
+    common = ("trainer.max_steps=16", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.save_every=8",
+              f"+zero={zero}")
+    micro = {1: "trainer.micro_batch_size=32", 2: "trainer.micro_batch_size=16"}
+    reference = train(tmp_path, *common, micro[before], name="reference", ranks=before)
+
+    process = _start(tmp_path, *common, micro[before], name="moved", ranks=before)
+    run_dir = tmp_path / "outputs" / "moved"
+    _wait_for(run_dir / "checkpoints" / "step_00000008" / "manifest.json", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    resumed = train(tmp_path, *common, micro[after], name="moved", ranks=after)
+    assert "to DeepSpeed's universal format" in resumed.output and "at step 8" in resumed.output
+    expected, got = reference.losses(), _last_losses(run_dir)
+    for step in range(9, 17):
+        assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"

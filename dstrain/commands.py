@@ -1,0 +1,62 @@
+"""The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
+
+    dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged]
+
+Each subcommand is an `add_<name>_command(subparsers)` that registers its arguments and its handler; the
+handler imports what it needs, so `dstrain --help` stays fast. A ConfigError from a handler is printed as
+one line, `dstrain: error: ...`, with exit code 2, as argparse does for a bad argument.
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from dstrain.config import ConfigError
+
+PROG = "dstrain"
+
+
+def add_export_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face directory (safetensors)",
+        description=(
+            "Turn a dstrain checkpoint (any ZeRO stage, any precision, full or LoRA) into a Hugging Face "
+            "directory that AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load, and "
+            "that model.pretrained=OUTPUT_DIR trains on. Weights are consolidated to fp32 on the CPU."
+        ),
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoints/step_NNNNNNNN directory")
+    parser.add_argument("output", metavar="OUTPUT_DIR", help="a new (or empty) directory to write")
+    parser.add_argument(
+        "--merged", action="store_true",
+        help="LoRA only: also write the full model with the adapter merged in, to OUTPUT_DIR/merged",
+    )
+    parser.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from dstrain.export import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.output, merged=args.merged)
+    kind = "LoRA adapter" if result.lora else "model"
+    print(f"exported the {kind} of step {result.step} (ZeRO-{result.zero_stage}, trained in {result.dtype}) as fp32:")
+    for directory in result.directories:
+        print(f"  {directory}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="dstrain: tools around training runs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_export_command(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.handler(args)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        sys.exit(2)

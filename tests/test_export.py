@@ -1,0 +1,181 @@
+"""`dstrain export`: checkpoints from real 2-rank training, exported by the real command, and checked against
+what the trained engine itself measured: the exported model must give the eval loss the run logged."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import _env, train
+
+SHORT = (
+    "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=12", "trainer.eval_batches=2",
+    "trainer.save_every=0",
+)
+EVAL_BATCHES = 2
+LAST_CHECKPOINT = Path("checkpoints") / "step_00000012"
+
+
+def _dstrain_command() -> list:
+    """The installed `dstrain` script, found next to this Python first (a virtualenv need not be activated)."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    script = shutil.which("dstrain", path=search)
+    assert script, "the dstrain command is not installed: pip install -e ."
+    return [script]
+
+
+def _export(*args, module: bool = False) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dstrain"] if module else _dstrain_command()
+    return subprocess.run(
+        [*command, "export", *map(str, args)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, timeout=300,
+    )
+
+
+def _export_ok(*args) -> subprocess.CompletedProcess:
+    completed = _export(*args)
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-6000:]
+    return completed
+
+
+def _logged_final_eval_loss(run) -> float:
+    rows = [row for row in run.metrics() if "eval_loss" in row]
+    assert rows and rows[-1]["step"] == 12, rows
+    return rows[-1]["eval_loss"]
+
+
+def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: int = 2) -> float:
+    """The trainer's evaluate(): each rank's mean loss over its eval batches, then the mean over ranks."""
+    from dstrain.config import TrainConfig
+    from dstrain.data import eval_batches, packed_blocks
+
+    cfg = TrainConfig()
+    cfg.model.pretrained = pretrained
+    cfg.trainer.eval_batches = EVAL_BATCHES
+    val_blocks = packed_blocks(cfg, tokenizer, "val")
+    per_rank = []
+    with torch.no_grad():
+        for rank in range(world_size):
+            total, count = torch.zeros(()), 0
+            for input_ids in eval_batches(val_blocks, cfg.trainer.micro_batch_size, world_size, rank, EVAL_BATCHES):
+                total += model(input_ids=input_ids, labels=input_ids).loss.float()
+                count += 1
+            assert count == EVAL_BATCHES
+            per_rank.append(float(total / count))
+    return sum(per_rank) / world_size
+
+
+def _first_training_batch(tokenizer, pretrained):
+    from dstrain.config import TrainConfig
+    from dstrain.data import BatchPlan, packed_blocks
+
+    cfg = TrainConfig()
+    cfg.model.pretrained = str(pretrained)
+    blocks = packed_blocks(cfg, tokenizer, "train")
+    return BatchPlan(blocks, cfg.trainer.seed, cfg.trainer.micro_batch_size, 1, 1, 0).micro_batch(0, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["0", "3"])
+def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, zero):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = train(tmp_path, f"+zero={zero}", *SHORT)
+    out = tmp_path / "exported"
+    completed = _export_ok(run.run_dir / LAST_CHECKPOINT, out)
+    assert f"exported the model of step 12 (ZeRO-{zero}, trained in fp32)" in completed.stdout
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert not list(tmp_path.glob(".exported*")), "the staging directory is left behind"
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.use_cache, "an exported model generates with the KV cache"
+    assert _eval_loss_like_the_trainer(model, tokenizer) == pytest.approx(_logged_final_eval_loss(run), rel=1e-5)
+
+    # The directory is a pretrained model for dstrain too: step 1's loss is the exported model's own loss.
+    again = train(
+        tmp_path, f"model.pretrained={out}", "trainer.max_steps=2", "scheduler.warmup_steps=1",
+        "trainer.eval_every=0", "trainer.save_every=0", ranks=0, name="from_export",
+    )
+    batch = _first_training_batch(tokenizer, out)
+    with torch.no_grad():
+        expected = model(input_ids=batch, labels=batch).loss.item()
+    assert again.losses()[1] == pytest.approx(expected, rel=1e-5)
+
+    # Exporting over a finished export is refused, and leaves it alone.
+    repeated = _export(run.run_dir / LAST_CHECKPOINT, out)
+    assert repeated.returncode == 2
+    assert f"dstrain: error: the output directory {out} already exists and is not empty" in repeated.stderr
+    assert "Traceback" not in repeated.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, tiny_pretrained_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = train(
+        tmp_path, f"model.pretrained={tiny_pretrained_dir}", "+peft=lora", "+zero=3",
+        "trainer.gradient_checkpointing=true", "optim.lr=1e-2", *SHORT,
+    )
+    out = tmp_path / "exported"
+    completed = _export_ok(run.run_dir / LAST_CHECKPOINT, out, "--merged")
+    assert "exported the LoRA adapter of step 12 (ZeRO-3, trained in fp32)" in completed.stdout
+
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_pretrained_dir)
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter, "the adapter holds no tensors"
+    for name, tensor in adapter.items():
+        assert tensor.numel() > 0, f"{name} is empty: {tensor.shape}"
+    lora_b = {name: tensor for name, tensor in adapter.items() if "lora_B" in name}
+    assert len(lora_b) == 2 * 7, sorted(lora_b)  # 2 layers x 7 target projections
+    for name, tensor in lora_b.items():
+        assert tensor.abs().max() > 0, f"{name} is still zero: the adapter never trained"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, out).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    assert not list((out / "merged").glob("adapter_*")), "the merged model is a plain model"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out / "merged").get_vocab() == tokenizer.get_vocab()
+
+    input_ids = _first_training_batch(tokenizer, tiny_pretrained_dir)
+    with torch.no_grad():
+        adapter_logits = with_adapter(input_ids=input_ids).logits
+        merged_logits = merged(input_ids=input_ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=0)
+
+    logged = _logged_final_eval_loss(run)
+    pretrained = str(tiny_pretrained_dir)
+    assert _eval_loss_like_the_trainer(with_adapter, tokenizer, pretrained) == pytest.approx(logged, rel=1e-5)
+    assert _eval_loss_like_the_trainer(merged, tokenizer, pretrained) == pytest.approx(logged, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_export_of_something_that_is_not_a_checkpoint_is_refused(tmp_path):
+    not_a_checkpoint = tmp_path / "run"
+    not_a_checkpoint.mkdir()
+    out = tmp_path / "exported"
+    completed = _export(not_a_checkpoint, out, module=True)
+    assert completed.returncode == 2, completed.stderr[-4000:]
+    assert completed.stderr.strip().splitlines() == [
+        f"dstrain: error: {not_a_checkpoint} is not a complete dstrain checkpoint (no manifest.json). "
+        f"Give a checkpoints/step_* directory that has one."
+    ]
+    assert not out.exists()
+
+    missing = _export(tmp_path / "nowhere", out, module=True)
+    assert missing.returncode == 2
+    assert "is not a complete dstrain checkpoint (no manifest.json)" in missing.stderr
+
+    usage = _export(not_a_checkpoint, module=True)
+    assert usage.returncode == 2
+    assert "the following arguments are required: OUTPUT_DIR" in usage.stderr
