@@ -72,16 +72,19 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False) -> E
     del state_dict
 
     staging = staging_dir_for(output)
-    written = [output]
-    if lora:
-        save_adapter(model, staging, cfg.model.pretrained)
-        tokenizer.save_pretrained(staging)
-        if merged:
-            save_full_model(model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
-            written.append(output / MERGED_SUBDIR)
-    else:
-        save_full_model(model, tokenizer, staging)
-    move_into_place(staging, output)
+    try:
+        if lora:
+            save_adapter(model, staging, cfg.model.pretrained)
+            tokenizer.save_pretrained(staging)
+            if merged:
+                save_full_model(model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
+        else:
+            save_full_model(model, tokenizer, staging)
+        move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    written = [output, output / MERGED_SUBDIR] if merged else [output]
     return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, lora, written)
 
 
@@ -115,26 +118,28 @@ def newest_checkpoint_under(directory: Path) -> Optional[Path]:
 
 def train_config_from_manifest(manifest: dict) -> TrainConfig:
     """Rebuild the typed config from the manifest's flat {"model.hidden_size": 64, ...} form."""
-    sections: Dict[str, dict] = {}
-    for key, value in manifest["config"].items():
+    flat = manifest.get("config")
+    if not flat:
+        raise ConfigError("the checkpoint's manifest has no training config, which the export rebuilds the model from")
+    sections = {section.name: section.default_factory for section in fields(TrainConfig)}
+    known = {f"{name}.{field.name}" for name, schema in sections.items() for field in fields(schema)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(
+            f"the checkpoint's config has {unknown[0]}, which this version of dstrain does not know. "
+            f"Export with the dstrain version that trained it."
+        )
+    values: Dict[str, dict] = {name: {} for name in sections}
+    for key, value in flat.items():
         section, _, name = key.partition(".")
-        sections.setdefault(section, {})[name] = value
-    kwargs = {}
-    for section in fields(TrainConfig):
-        schema = section.default_factory
-        given = sections.pop(section.name, {})
-        unknown = sorted(set(given) - {field.name for field in fields(schema)})
-        if unknown:
-            raise ConfigError(
-                f"the checkpoint's config has {section.name}.{unknown[0]}, which this version of dstrain does not "
-                f"know. Export with the dstrain version that trained it."
-            )
-        kwargs[section.name] = schema(**given)
-    return TrainConfig(**kwargs)
+        values[section][name] = value
+    return TrainConfig(**{name: schema(**values[name]) for name, schema in sections.items()})
 
 
 def check_output_dir(output: Path) -> None:
-    if output.is_file() or (output.is_dir() and any(output.iterdir())):
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"the output directory {output} is a file. Choose a new directory.")
+    if output.is_dir() and any(output.iterdir()):
         raise ConfigError(f"the output directory {output} already exists and is not empty. Choose a new one.")
 
 

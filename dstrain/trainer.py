@@ -115,7 +115,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
         epoch = plan.epoch_of_sample(state.samples_consumed)
         state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
         # One collective per step carries both the loss and whether any rank was told to stop.
-        loss_sum, stops = sum_over_ranks([torch.stack(micro_losses).mean(), float(stop_signal.received is not None)])
+        loss_sum, stops = sum_over_ranks(
+            [torch.stack(micro_losses).mean(), float(stop_signal.received is not None)], device
+        )
         loss = loss_sum / world_size
 
         now = time.perf_counter()
@@ -182,11 +184,12 @@ def warmup_cosine_schedule(optimizer, cfg: TrainConfig):
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
-    return sum_over_ranks([value])[0] / dist.get_world_size()
+    return sum_over_ranks([value], value.device)[0] / dist.get_world_size()
 
 
-def sum_over_ranks(values) -> list:
-    packed = torch.tensor([float(value) for value in values], dtype=torch.float64)
+def sum_over_ranks(values, device) -> list:
+    """Sum a few scalars over all ranks in one collective, on the device the backend (NCCL or gloo) serves."""
+    packed = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in values])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return packed.tolist()
 

@@ -57,6 +57,19 @@ def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", ch
     return run
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def remove_deepspeed_shared_memory():
+    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank per run; dozens of runs would
+    fill the machine's memory."""
+    before = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for leftover in set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*")) - before:
+        leftover.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def tiny_pretrained_dir(tmp_path_factory):
     """A Hugging Face directory (weights and tokenizer) written by the test itself: no hub needed."""
