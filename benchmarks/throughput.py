@@ -42,12 +42,10 @@ process group, so drift in the machine's state (clocks, other jobs, caches) fall
 Only rank 0 prints; --verbose shows dstrain's own log lines. Temporary run directories are removed unless
 --keep.
 
-Running train() repeatedly in one process: train() returns without `engine.destroy()`, and under ZeRO its
-engine then stays reachable (model, optimizer state, gradients held for the rest of the process), so the
-benchmark destroys the engines train() left behind; under ZeRO-3, DeepSpeed 0.19.8 keeps even destroyed
-engines reachable (module-level state in deepspeed.runtime.zero), so each run's memory stays held: mind
-that with large models (fewer --rounds). train() also installs SIGTERM/SIGUSR1 handlers and does not restore
-the old ones; the benchmark puts them back after each call.
+Running train() repeatedly in one process: train() destroys its engine and restores the signal handlers it
+installed, and leaves the process group (which this benchmark created) alone. Under ZeRO-3, DeepSpeed
+0.19.8 keeps even destroyed engines reachable (module-level state in deepspeed.runtime.zero), so each run's
+memory stays held: mind that with large models (fewer --rounds).
 """
 
 import argparse
@@ -56,7 +54,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -134,27 +131,14 @@ class _StampingMetricsLogger(dstrain_trainer.MetricsLogger):
 
 
 def run_dstrain(cfg: TrainConfig, run_dir: Path):
-    """train() itself; returns the end-of-step time stamps, the last logged loss, and how many DeepSpeed
-    engines train() left alive (they are destroyed here so that the next run starts from the same memory)."""
-    before = {id(engine) for engine in live_engines()}
+    """train() itself; returns the end-of-step time stamps and the last logged loss."""
     _StampingMetricsLogger.stamps = []
     original = dstrain_trainer.MetricsLogger
     dstrain_trainer.MetricsLogger = _StampingMetricsLogger
-    # train() installs its own SIGTERM/SIGUSR1 handlers and leaves them in place; put the previous ones back.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         dstrain_trainer.train(cfg, run_dir)
     finally:
         dstrain_trainer.MetricsLogger = original
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    # train() returns without engine.destroy(). Under ZeRO (seen with stages 1-3, DeepSpeed 0.19.8) its
-    # engine then stays reachable and keeps model, optimizer state and gradients for the rest of the process.
-    left_alive = [engine for engine in live_engines() if id(engine) not in before]
-    for engine in left_alive:
-        engine.destroy()
-    leaked = len(left_alive)
-    del left_alive
     stamps = _StampingMetricsLogger.stamps
     last_loss = None
     metrics_file = run_dir / "metrics.jsonl"
@@ -162,7 +146,7 @@ def run_dstrain(cfg: TrainConfig, run_dir: Path):
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
         losses = [row for row in rows if "loss" in row]
         last_loss = losses[-1]["loss"] if losses else None
-    return stamps, last_loss, leaked
+    return stamps, last_loss
 
 
 def run_raw(cfg: TrainConfig, rank: int, world_size: int):
@@ -210,9 +194,7 @@ def run_raw(cfg: TrainConfig, rank: int, world_size: int):
     last_loss = torch.stack(losses).float().mean().reshape(1)
     dist.all_reduce(last_loss)
     last_loss = last_loss.item() / world_size
-    destroy = getattr(engine, "destroy", None)
-    if destroy is not None:
-        destroy()
+    engine.destroy()
     del engine, batches, losses
     return stamps, last_loss
 
@@ -284,7 +266,6 @@ def main() -> None:
     times = {"raw": [], "dstrain": []}
     per_run = {"raw": [], "dstrain": []}
     last_losses = {"raw": None, "dstrain": None}
-    engines_left_by_train = 0
     for round_index in range(args.rounds):
         order = ("raw", "dstrain") if round_index % 2 == 0 else ("dstrain", "raw")
         for side in order:
@@ -294,8 +275,7 @@ def main() -> None:
                 stamps, last_losses[side] = run_raw(cfg, rank, world_size)
             else:
                 run_dir = root / f"dstrain-round{round_index}"
-                stamps, last_losses[side], leaked = run_dstrain(cfg, run_dir)
-                engines_left_by_train += leaked
+                stamps, last_losses[side] = run_dstrain(cfg, run_dir)
                 if local_rank == 0 and not args.keep:
                     shutil.rmtree(run_dir, ignore_errors=True)
             measured = step_times(stamps, args.warmup, trainer.max_steps)
@@ -323,9 +303,6 @@ def main() -> None:
         if abs(raw_loss - dstrain_loss) > 0.02 * max(1.0, abs(raw_loss)):
             say("warning: the final losses differ, so the two sides did not train on the same batches or "
                 "weights; check that the raw loop still matches dstrain.trainer.train()")
-    if engines_left_by_train:
-        say(f"note: train() left {engines_left_by_train} DeepSpeed engine(s) alive after returning "
-            f"(no engine.destroy()); the benchmark destroyed them between runs")
     if leftover:
         say(f"note: {leftover} DeepSpeed engine(s) still alive even after engine.destroy(), so their memory was not "
             f"released between runs (ZeRO-3 does this in DeepSpeed 0.19.8); mind memory with large models")

@@ -23,6 +23,10 @@ from dstrain.preemption import PREEMPTED_EXIT_CODE
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_GROUPS = frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
 
+# Exit codes a job script can act on; 75 (PREEMPTED_EXIT_CODE) means "run the same command again".
+CONFIG_ERROR_EXIT_CODE = 2
+DIVERGED_EXIT_CODE = 3
+
 _GROUP_OVERRIDE = re.compile(r"^(?P<plus>\+{0,2})(?P<group>[A-Za-z_]\w*)=(?P<value>.*)$")
 _PLAIN_CHOICES = re.compile(r"^[\w.-]+(,[\w.-]+)*$")
 _LOCAL_RANK = re.compile(r"^--local_rank(=(?P<value>\d+))?$")
@@ -67,7 +71,7 @@ def _rank() -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(dict_config) -> None:
-    from dstrain.trainer import train
+    from dstrain.trainer import TrainingDiverged, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     cfg: TrainConfig = OmegaConf.to_object(dict_config)
@@ -76,7 +80,11 @@ def _hydra_main(dict_config) -> None:
     except ConfigError as error:
         # Hydra would print a traceback; a config mistake deserves one clear line and its own exit code.
         print(f"dstrain: config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+    except TrainingDiverged as error:
+        if _rank() == 0:
+            print(f"dstrain: training diverged: {error}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT_CODE)
     if not finished:
         sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -120,6 +120,14 @@ class TrainerConfig:
     keep_every: int = 0
     # How long a rank waits in a collective for a peer that died before giving up with an error.
     collective_timeout_s: float = 1800.0
+    # After SIGTERM/SIGUSR1, the time allowed to reach the next step boundary and save. When it runs out the
+    # run exits anyway (code 75, no new checkpoint) so that the scheduler's SIGKILL never lands mid-save.
+    stop_grace_s: float = 120.0
+    # A step whose loss or gradient norm is NaN/inf: "stop" ends the run without saving it (the newest
+    # checkpoint stays the last good one); "skip" lets DeepSpeed drop the update and trains on, and stops
+    # after max_consecutive_skips such steps in a row.
+    nonfinite: str = "stop"
+    max_consecutive_skips: int = 10
     # "auto": continue from the newest checkpoint in the run directory, if any.
     # "never": start fresh, and refuse to if the run directory already has checkpoints.
     # A path: load that checkpoint directory.
@@ -167,6 +175,7 @@ _CHOICES = {
     "data.format": ("text", "jsonl"),
     "logger.name": ("jsonl", "csv"),
     "zero.stage": (0, 1, 2, 3),
+    "trainer.nonfinite": ("stop", "skip"),
     "precision.grad_accum_dtype": (None, "fp32", "bf16"),
 }
 
@@ -214,12 +223,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("zero.offload_optimizer needs ZeRO stage 1, 2 or 3. Use +zero=2_offload.")
 
     trainer = cfg.trainer
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps"):
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_consecutive_skips"):
         if getattr(trainer, key) < 1:
             raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be at least 1")
     for key in ("eval_every", "save_every"):
         if getattr(trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be 0 (off) or positive")
+    if trainer.stop_grace_s <= 0 or trainer.collective_timeout_s <= 0:
+        raise ConfigError("trainer.stop_grace_s and trainer.collective_timeout_s must be positive (seconds)")
+    if trainer.nonfinite == "skip" and zero.stage == 0 and precision.dtype == "fp32":
+        # Only DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16) check gradients before updating; plain
+        # ZeRO-0 fp32 hands them straight to torch's AdamW, which would write the NaN into the weights.
+        raise ConfigError(
+            "trainer.nonfinite=skip needs an engine that can drop an update, and ZeRO-0 in fp32 cannot. "
+            "Use +zero=1 (the same memory on one rank), +precision=bf16, or trainer.nonfinite=stop."
+        )
     if cfg.scheduler.warmup_steps >= trainer.max_steps:
         raise ConfigError(
             f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be below "

@@ -31,12 +31,26 @@ from dstrain.model import build_model, model_fingerprint, parameter_counts, weig
 log = logging.getLogger("dstrain")
 
 
+class TrainingDiverged(RuntimeError):
+    """A NaN/inf loss or gradient norm that trainer.nonfinite says to stop on."""
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> bool:
     """Train until trainer.max_steps; returns False if a stop signal ended the run early (after saving)."""
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
-    stop_signal = StopSignal()
+    owns_process_group = not dist.is_initialized()
     rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
+    try:
+        with StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
+            return _train(cfg, run_dir, rank, world_size, stop_signal)
+    finally:
+        if owns_process_group:
+            # Gloo's worker threads outlive a group that is not destroyed and can abort the interpreter at exit.
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_signal: StopSignal) -> bool:
     setup_logging(rank, run_dir)
     seed_everything(cfg.trainer.seed)
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
@@ -97,11 +111,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
     # DeepSpeed's plain fp32 path clips without keeping the norm; its grads are whole on every rank there.
     engine_skips_grad_norm = engine.zero_optimization_stage() == 0 and cfg.precision.dtype == "fp32"
     engine.train()
+    skipped_in_a_row = 0
     step_started = time.perf_counter()
 
     while state.step < trainer.max_steps:
         step = state.step + 1
         micro_losses, grad_norm = [], None
+        skipped_before = engine.skipped_steps
         for micro_step in range(trainer.gradient_accumulation_steps):
             input_ids = plan.micro_batch(state.samples_consumed, micro_step).to(device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
@@ -112,6 +128,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
             micro_losses.append(loss.detach().float())
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm)
         epoch = plan.epoch_of_sample(state.samples_consumed)
         state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
         # One collective per step carries both the loss and whether any rank was told to stop.
@@ -122,21 +139,29 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
 
         now = time.perf_counter()
         elapsed, step_started = now - step_started, now
+        # Under fp16 an infinite gradient norm is the loss scaler's routine overflow, not a fault.
+        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.precision.dtype == "fp16")
+        update_skipped = engine.skipped_steps > skipped_before
         metrics.advance(step, loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: the loss is {loss}")
-        if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1:
+        if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1 or not finite:
             metrics.log(step, {
                 "loss": loss,
                 "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_step / elapsed,
                 "samples_per_s": plan.global_batch / elapsed,
                 "epoch": epoch,
+                **({} if finite else {"update_skipped": update_skipped}),
                 **_loss_scale_metrics(engine, cfg),
             })
         else:
             metrics.log(step, {"loss": loss, "lr": engine.get_lr()[0]}, echo=False)
+        skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
+        if not finite:
+            check_nonfinite_step(step, loss, grad_norm, update_skipped, skipped_in_a_row, trainer, checkpoints)
+            if rank == 0:
+                log.warning("step %d: loss %s, gradient norm %s: update skipped, weights unchanged (%d in a row, "
+                            "trainer.nonfinite=skip)", step, loss, grad_norm, skipped_in_a_row)
 
         is_last = step == trainer.max_steps
         if trainer.eval_every and (step % trainer.eval_every == 0 or is_last):
@@ -154,8 +179,30 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
     metrics.close()
     if not stops:
         log.info("done: step %d of %d", state.step, trainer.max_steps)
+    engine.destroy()
     dist.barrier()
     return not stops
+
+
+def check_nonfinite_step(step, loss, grad_norm, update_skipped, skipped_in_a_row, trainer, checkpoints) -> None:
+    """Raise TrainingDiverged unless trainer.nonfinite=skip allows going on. Raised before the step could be
+    saved, so the newest checkpoint is always from a finite step. Every rank sees the same all-reduced loss
+    and global gradient norm, so all ranks decide alike."""
+    what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
+    newest = checkpoints.checkpoints()
+    kept = f"The newest checkpoint, {newest[-1]}, is from before it and is kept." if newest else "No checkpoint was saved yet."
+    if trainer.nonfinite == "stop":
+        raise TrainingDiverged(
+            f"{what}; stopped (trainer.nonfinite=stop) without saving. {kept} Lower optim.lr, raise "
+            f"precision (fp32), check the data, or set trainer.nonfinite=skip to drop such steps."
+        )
+    if not update_skipped:
+        raise TrainingDiverged(f"{what}, and DeepSpeed applied the update anyway; stopped without saving. {kept}")
+    if skipped_in_a_row > trainer.max_consecutive_skips:
+        raise TrainingDiverged(
+            f"{what}: {skipped_in_a_row} steps in a row were NaN/inf and skipped "
+            f"(trainer.max_consecutive_skips={trainer.max_consecutive_skips}); the model has diverged. {kept}"
+        )
 
 
 def evaluate(engine, blocks, trainer, world_size: int, rank: int, device) -> float:
@@ -244,6 +291,9 @@ def init_distributed(timeout: timedelta):
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        # DeepSpeed's fast shared-memory all-reduce on CPU looks for LOCAL_SIZE, which only its own launcher sets.
+        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; without this each would start a thread per core.
