@@ -291,9 +291,6 @@ def init_distributed(timeout: timedelta):
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if "LOCAL_WORLD_SIZE" in os.environ:
-        # DeepSpeed's fast shared-memory all-reduce on CPU looks for LOCAL_SIZE, which only its own launcher sets.
-        os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; without this each would start a thread per core.

@@ -486,6 +486,29 @@ def test_fp16_on_cpu_accelerator_is_rejected():
     validate_accelerator(compose_typed([]), accelerator)
 
 
+def test_nonfinite_policy_lists_its_choices():
+    with pytest.raises(ConfigError, match=r"trainer\.nonfinite='ignore' is not one of \['stop', 'skip'\]"):
+        validate(compose_typed(["trainer.nonfinite=ignore"]))
+
+
+def test_skipping_nonfinite_steps_needs_an_engine_that_can_drop_an_update():
+    with pytest.raises(ConfigError, match=r"trainer\.nonfinite=skip .* ZeRO-0 in fp32 cannot\. Use \+zero=1"):
+        validate(compose_typed(["trainer.nonfinite=skip"]))
+    for able in (["+zero=1"], ["+precision=bf16"]):
+        validate(compose_typed(["trainer.nonfinite=skip", *able]))
+
+
+@pytest.mark.parametrize("override", ["trainer.stop_grace_s=0", "trainer.collective_timeout_s=-5"])
+def test_timeouts_must_be_positive(override):
+    with pytest.raises(ConfigError, match=r"must be positive \(seconds\)"):
+        validate(compose_typed([override]))
+
+
+def test_max_consecutive_skips_must_be_at_least_one():
+    with pytest.raises(ConfigError, match=r"trainer\.max_consecutive_skips=0 must be at least 1"):
+        validate(compose_typed(["trainer.max_consecutive_skips=0"]))
+
+
 def test_entry_point_config_error_is_one_line_and_before_process_group(tmp_path):
     root = tmp_path / "outputs"
     start = time.monotonic()
