@@ -1,6 +1,7 @@
 """The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
 
     dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged]
+    dstrain submit [--dry-run] [OVERRIDE ...]
 
 Each subcommand is an `add_<name>_command(subparsers)` that registers its arguments and its handler; the
 handler imports what it needs, so `dstrain --help` stays fast. A ConfigError from a handler is printed as
@@ -45,10 +46,33 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"  {directory}")
 
 
+def add_submit_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "submit",
+        help="submit a training run as a SLURM batch job",
+        description=(
+            "Compose and check the config from the same overrides as launch/train.py (plus launcher.*: nodes, "
+            "gpus_per_node, partition, time, signal, requeue, ...), render launch/slurm/job.sbatch.template and "
+            "submit it with sbatch. The run directory is run.root/run.name, or run.root/slurm-<job id> without "
+            "run.name; a requeued job resumes there from its newest checkpoint."
+        ),
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. +model=7b launcher.nodes=2")
+    parser.set_defaults(handler=run_submit)
+
+
+def run_submit(args: argparse.Namespace) -> None:
+    from dstrain.slurm import submit
+
+    submit(args.overrides, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="dstrain: tools around training runs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_export_command(subparsers)
+    add_submit_command(subparsers)
     return parser
 
 

@@ -118,7 +118,8 @@ class TrainerConfig:
     # Checkpoints kept: the newest keep_last (0 keeps all), plus every keep_every-th step (0: none) forever.
     keep_last: int = 3
     keep_every: int = 0
-    # How long a rank waits in a collective for a peer that died before giving up with an error.
+    # How long a rank waits for a peer that died or hung before it exits (code 4): the limit for one
+    # collective, and for one step, evaluation or save (dstrain.watchdog). Set it above the longest of these.
     collective_timeout_s: float = 1800.0
     # After SIGTERM/SIGUSR1, the time allowed to reach the next step boundary and save. When it runs out the
     # run exits anyway (code 75, no new checkpoint) so that the scheduler's SIGKILL never lands mid-save.
@@ -149,6 +150,32 @@ class RunConfig:
 
 
 @dataclass
+class LauncherConfig:
+    # Read by `dstrain submit` (dstrain/slurm.py, which checks it); training itself ignores it.
+    nodes: int = 1
+    # Ranks per node, one GPU each. With device=cpu: CPU processes per node, and no GPU is requested.
+    gpus_per_node: int = 1
+    gpu_type: Optional[str] = None
+    device: str = "gpu"
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    # None: the cluster's default partition, account and QoS.
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    # SLURM's --time ("HH:MM:SS", "D-HH:MM:SS", minutes); None: the partition's default.
+    time: Optional[str] = None
+    job_name: Optional[str] = None
+    # More sbatch options, one per item ("--exclusive", "--constraint=a100"); one #SBATCH line each.
+    extra_sbatch: List[str] = field(default_factory=list)
+    # Sent to every rank signal_lead_s before the time limit: dstrain saves at the next step boundary and
+    # exits with 75, and with requeue the job goes back into the queue and resumes from that checkpoint.
+    signal: str = "USR1"
+    signal_lead_s: int = 300
+    requeue: bool = True
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -160,6 +187,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 def register_schema() -> None:

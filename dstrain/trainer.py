@@ -26,6 +26,8 @@ from dstrain.data import BatchPlan, build_tokenizer, eval_batches, packed_blocks
 from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.metrics import MetricsLogger
 from dstrain.preemption import PREEMPTED_EXIT_CODE, StopSignal
+from dstrain.watchdog import ProgressWatchdog
+from dstrain.slurm import rendezvous_from_slurm
 from dstrain.model import build_model, model_fingerprint, parameter_counts, weight_decay_groups
 
 log = logging.getLogger("dstrain")
@@ -114,67 +116,71 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
     skipped_in_a_row = 0
     step_started = time.perf_counter()
 
-    while state.step < trainer.max_steps:
-        step = state.step + 1
-        micro_losses, grad_norm = [], None
-        skipped_before = engine.skipped_steps
-        for micro_step in range(trainer.gradient_accumulation_steps):
-            input_ids = plan.micro_batch(state.samples_consumed, micro_step).to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
-            engine.backward(loss)
-            if engine_skips_grad_norm and engine.is_gradient_accumulation_boundary():
-                grad_norm = replicated_grad_norm(engine.module)
-            engine.step()
-            micro_losses.append(loss.detach().float())
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm)
-        epoch = plan.epoch_of_sample(state.samples_consumed)
-        state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
-        # One collective per step carries both the loss and whether any rank was told to stop.
-        loss_sum, stops = sum_over_ranks(
-            [torch.stack(micro_losses).mean(), float(stop_signal.received is not None)], device
-        )
-        loss = loss_sum / world_size
+    with ProgressWatchdog(trainer.collective_timeout_s) as watchdog:
+        while state.step < trainer.max_steps:
+            watchdog.progress()
+            step = state.step + 1
+            micro_losses, grad_norm = [], None
+            skipped_before = engine.skipped_steps
+            for micro_step in range(trainer.gradient_accumulation_steps):
+                input_ids = plan.micro_batch(state.samples_consumed, micro_step).to(device)
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+                engine.backward(loss)
+                if engine_skips_grad_norm and engine.is_gradient_accumulation_boundary():
+                    grad_norm = replicated_grad_norm(engine.module)
+                engine.step()
+                micro_losses.append(loss.detach().float())
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm)
+            epoch = plan.epoch_of_sample(state.samples_consumed)
+            state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
+            # One collective per step carries both the loss and whether any rank was told to stop.
+            loss_sum, stops = sum_over_ranks(
+                [torch.stack(micro_losses).mean(), float(stop_signal.received is not None)], device
+            )
+            loss = loss_sum / world_size
 
-        now = time.perf_counter()
-        elapsed, step_started = now - step_started, now
-        # Under fp16 an infinite gradient norm is the loss scaler's routine overflow, not a fault.
-        finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.precision.dtype == "fp16")
-        update_skipped = engine.skipped_steps > skipped_before
-        metrics.advance(step, loss)
-        if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1 or not finite:
-            metrics.log(step, {
-                "loss": loss,
-                "lr": engine.get_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_step / elapsed,
-                "samples_per_s": plan.global_batch / elapsed,
-                "epoch": epoch,
-                **({} if finite else {"update_skipped": update_skipped}),
-                **_loss_scale_metrics(engine, cfg),
-            })
-        else:
-            metrics.log(step, {"loss": loss, "lr": engine.get_lr()[0]}, echo=False)
-        skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
-        if not finite:
-            check_nonfinite_step(step, loss, grad_norm, update_skipped, skipped_in_a_row, trainer, checkpoints)
-            if rank == 0:
-                log.warning("step %d: loss %s, gradient norm %s: update skipped, weights unchanged (%d in a row, "
-                            "trainer.nonfinite=skip)", step, loss, grad_norm, skipped_in_a_row)
+            now = time.perf_counter()
+            elapsed, step_started = now - step_started, now
+            # Under fp16 an infinite gradient norm is the loss scaler's routine overflow, not a fault.
+            finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.precision.dtype == "fp16")
+            update_skipped = engine.skipped_steps > skipped_before
+            metrics.advance(step, loss)
+            if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1 or not finite:
+                metrics.log(step, {
+                    "loss": loss,
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "samples_per_s": plan.global_batch / elapsed,
+                    "epoch": epoch,
+                    **({} if finite else {"update_skipped": update_skipped}),
+                    **_loss_scale_metrics(engine, cfg),
+                })
+            else:
+                metrics.log(step, {"loss": loss, "lr": engine.get_lr()[0]}, echo=False)
+            skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
+            if not finite:
+                check_nonfinite_step(step, loss, grad_norm, update_skipped, skipped_in_a_row, trainer, checkpoints)
+                if rank == 0:
+                    log.warning("step %d: loss %s, gradient norm %s: update skipped, weights unchanged "
+                                "(%d in a row, trainer.nonfinite=skip)", step, loss, grad_norm, skipped_in_a_row)
 
-        is_last = step == trainer.max_steps
-        if trainer.eval_every and (step % trainer.eval_every == 0 or is_last):
-            eval_loss = evaluate(engine, val_blocks, trainer, world_size, rank, device)
-            metrics.log(step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
-        if (trainer.save_every and step % trainer.save_every == 0) or is_last or stops:
-            path = checkpoints.save(engine, state)
-            log.info("saved checkpoint %s", path)
-        if stops:
-            log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is "
-                        "restarted, and a restart resumes here", step, PREEMPTED_EXIT_CODE)
-            break
-        step_started = time.perf_counter()
+            is_last = step == trainer.max_steps
+            if trainer.eval_every and (step % trainer.eval_every == 0 or is_last):
+                watchdog.progress()
+                eval_loss = evaluate(engine, val_blocks, trainer, world_size, rank, device)
+                metrics.log(step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
+            if (trainer.save_every and step % trainer.save_every == 0) or is_last or stops:
+                watchdog.progress()
+                path = checkpoints.save(engine, state)
+                log.info("saved checkpoint %s", path)
+            if stops:
+                log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is "
+                            "restarted, and a restart resumes here", step, PREEMPTED_EXIT_CODE)
+                break
+            step_started = time.perf_counter()
 
     metrics.close()
     if not stops:
@@ -288,6 +294,7 @@ class rank_zero_first:
 def init_distributed(timeout: timedelta):
     """Join the process group that the launcher (deepspeed, torchrun, srun) described in the environment.
     A plain `python launch/train.py` becomes a world of one."""
+    os.environ.update(rendezvous_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -1,9 +1,11 @@
 """Faults injected into real 2-rank runs: SIGKILL, stop signals, damaged and partial checkpoints."""
 
 import json
+import math
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -185,3 +187,123 @@ def test_resume_on_another_world_size(tmp_path, zero, before, after):
     expected, got = reference.losses(), _last_losses(run_dir)
     for step in range(9, 17):
         assert got[step] == pytest.approx(expected[step], rel=1e-4), f"step {step}"
+
+
+NAN_LOSS = TRAIN.parent.parent / "tests" / "faults" / "nan_loss.py"
+SHORT = ("trainer.max_steps=10", "scheduler.warmup_steps=2", "trainer.eval_every=0", "+zero=2")
+
+
+def _train_with_nan(tmp_path, nan_steps, *overrides, name):
+    command = [
+        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(NAN_LOSS), *overrides,
+        f"run.root={tmp_path / 'outputs'}", f"run.name={name}",
+    ]
+    return subprocess.run(
+        command, cwd=tmp_path, env=dict(_env(), NAN_STEPS=nan_steps), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+
+
+def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_path):
+    run = _train_with_nan(tmp_path, "6", *SHORT, "trainer.save_every=4", name="nan")
+    assert run.returncode == 3, run.stdout[-4000:]
+    errors = [line for line in run.stdout.splitlines() if line.startswith("dstrain: training diverged:")]
+    assert len(errors) == 1, run.stdout[-4000:]
+    assert "step 6: loss nan" in errors[0] and "step_00000004" in errors[0] and "is kept" in errors[0]
+    checkpoints = tmp_path / "outputs" / "nan" / "checkpoints"
+    assert [path.name for path in checkpoints.glob("*step_*")] == ["step_00000004"]
+    assert (checkpoints / "latest").read_text() == "step_00000004"
+
+    resumed = train(tmp_path, *SHORT, "trainer.save_every=4", name="nan")
+    assert "at step 4" in resumed.output
+    assert all(math.isfinite(loss) for loss in _last_losses(resumed.run_dir).values())
+
+
+def test_nan_loss_with_skip_leaves_the_weights_unchanged_and_trains_on(tmp_path):
+    run = _train_with_nan(
+        tmp_path, "6", *SHORT, "trainer.save_every=1", "trainer.keep_last=10", "trainer.nonfinite=skip",
+        name="skip",
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert "step 6: loss nan" in run.stdout and "update skipped, weights unchanged" in run.stdout
+    run_dir = tmp_path / "outputs" / "skip"
+    rows = {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in row}
+    assert rows[6]["update_skipped"] is True and math.isnan(rows[6]["loss"])
+    assert all(math.isfinite(rows[step]["loss"]) for step in (7, 8, 9, 10))
+    before, skipped, after = (_final_weights(run_dir, step) for step in (5, 6, 7))
+    for name, tensor in before.items():
+        assert torch.equal(skipped[name], tensor), name
+    assert any(not torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+def test_nan_loss_every_step_stops_after_max_consecutive_skips(tmp_path):
+    run = _train_with_nan(
+        tmp_path, "3-", *SHORT, "trainer.nonfinite=skip", "trainer.max_consecutive_skips=2", name="diverged"
+    )
+    assert run.returncode == 3, run.stdout[-4000:]
+    assert "dstrain: training diverged: step 5: loss nan" in run.stdout
+    assert "3 steps in a row were NaN/inf" in run.stdout
+
+
+def test_stop_signal_during_a_step_longer_than_the_grace_period_exits_without_saving(tmp_path):
+    # About 4 s per step (40 micro-batches of 32): the signal lands mid-step and the grace period ends first.
+    overrides = (
+        "trainer.max_steps=4", "scheduler.warmup_steps=1", "trainer.eval_every=0", "trainer.save_every=1",
+        "trainer.micro_batch_size=32", "trainer.gradient_accumulation_steps=40", "trainer.stop_grace_s=1",
+    )
+    process = _start(tmp_path, *overrides, name="grace")
+    run_dir = tmp_path / "outputs" / "grace"
+    _wait_for(run_dir / "checkpoints" / "step_00000001" / "manifest.json", process)
+    signalled = time.monotonic()
+    for rank in _ranks(process):
+        rank.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output[-4000:]
+    assert time.monotonic() - signalled < 30
+    assert "trainer.stop_grace_s" in output and "without a new checkpoint" in output
+    complete = [path.name for path in (run_dir / "checkpoints").glob("step_*") if (path / "manifest.json").is_file()]
+    assert complete == ["step_00000001"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000001"
+
+
+def _start_ranks_without_a_launcher(tmp_path, *overrides, name):
+    """Two ranks as srun or a per-node launch starts them: nobody watches them and kills the rest if one dies,
+    so only dstrain's collective timeout stands between a dead peer and a hang."""
+    port = str(_free_port())
+    processes = []
+    for rank in range(2):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        processes.append(subprocess.Popen(
+            [sys.executable, str(TRAIN), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    return processes
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_survivor_of_a_dead_or_hung_peer_exits_and_a_restart_resumes(tmp_path, fault):
+    overrides = (*RUN, "+zero=2", "trainer.save_every=8", "trainer.collective_timeout_s=15")
+    survivor, peer = _start_ranks_without_a_launcher(tmp_path, *overrides, name="fault")
+    run_dir = tmp_path / "outputs" / "fault"
+    _wait_for(run_dir / "checkpoints" / "step_00000008" / "manifest.json", survivor)
+    peer.send_signal(fault)
+    faulted = time.monotonic()
+    try:
+        output, _ = survivor.communicate(timeout=120)
+        waited = time.monotonic() - faulted
+    finally:
+        peer.kill()
+        peer.communicate()
+    assert survivor.returncode not in (0, 75), output[-4000:]
+    assert max(_last_losses(run_dir)) < 24, "the run finished before the fault"
+    # A dead peer's socket closes at once; a hung one is only noticed when trainer.collective_timeout_s ends.
+    assert waited < (60 if fault == signal.SIGKILL else 15 + 60), output[-4000:]
+    if fault == signal.SIGSTOP:
+        assert waited > 10, f"gave up after {waited:.1f} s, before trainer.collective_timeout_s=15"
+        assert "Timed out" in output or "no training progress for" in output, output[-4000:]
+
+    resumed = train(tmp_path, *overrides, name="fault")
+    assert "at step 8" in resumed.output
+    assert max(_last_losses(run_dir)) == 24
