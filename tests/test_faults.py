@@ -307,3 +307,26 @@ def test_survivor_of_a_dead_or_hung_peer_exits_and_a_restart_resumes(tmp_path, f
     resumed = train(tmp_path, *overrides, name="fault")
     assert "at step 8" in resumed.output
     assert max(_last_losses(run_dir)) == 24
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    # About 12M parameters: a ZeRO-2 checkpoint of some 200 MB takes long enough to be killed half-way.
+    overrides = (
+        "trainer.max_steps=4", "scheduler.warmup_steps=1", "trainer.eval_every=0", "trainer.save_every=2",
+        "trainer.micro_batch_size=4", "+zero=2", "model.hidden_size=512", "model.intermediate_size=1408",
+        "model.num_hidden_layers=4", "model.num_attention_heads=8", "model.num_key_value_heads=4",
+    )
+    process = _start(tmp_path, *overrides, name="cut")
+    checkpoints = tmp_path / "outputs" / "cut" / "checkpoints"
+    staging = checkpoints / ".staging-step_00000004"
+    _wait_for(staging, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert staging.is_dir(), "the save finished before the kill"
+    assert not (checkpoints / "step_00000004").exists()
+    assert (checkpoints / "latest").read_text() == "step_00000002"
+
+    resumed = train(tmp_path, *overrides, name="cut")
+    assert "at step 2" in resumed.output
+    assert not staging.exists()
+    assert (checkpoints / "step_00000004" / "manifest.json").is_file()
