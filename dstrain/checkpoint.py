@@ -64,6 +64,15 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _fsync_directory(path: Path) -> None:
+    """Make renames in path durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _all_ranks_agree(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -130,6 +139,9 @@ class CheckpointManager:
         }
         engine.save_checkpoint(str(self.directory), tag=staging.name, client_state=client_state, save_latest=False)
         torch.save(_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+        # DeepSpeed writes its shards without fsync; the manifest must not reach the disk before they do, or a
+        # host crash could leave a "complete" checkpoint with missing data.
+        os.sync()
         dist.barrier()
         final = self.directory / tag
         if self.rank == 0:
@@ -151,6 +163,7 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.rename(staging, final)
             _write_atomically(self.directory / "latest", tag)
+            _fsync_directory(self.directory)
             self._prune()
         dist.barrier()
         return final
