@@ -302,8 +302,6 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     elif args.keep:
         say(f"checkpoints kept under {root}")
-    # Gloo's worker threads outlive a group that is not destroyed and can abort the interpreter at exit.
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ Only rank 0 prints; --verbose shows dstrain's own log lines. Temporary run direc
 --keep.
 
 Running train() repeatedly in one process: train() destroys its engine and restores the signal handlers it
-installed, and leaves the process group (which this benchmark created) alone. Under ZeRO-3, DeepSpeed
+installed, and the process group stays for the next run. Under ZeRO-3, DeepSpeed
 0.19.8 keeps even destroyed engines reachable (module-level state in deepspeed.runtime.zero), so each run's
 memory stays held: mind that with large models (fewer --rounds).
 """
@@ -125,9 +125,9 @@ class _StampingMetricsLogger(dstrain_trainer.MetricsLogger):
 
     stamps = []
 
-    def advance(self, step, loss):
+    def advance(self, step, loss, tokens_per_s):
         type(self).stamps.append(time.perf_counter())
-        super().advance(step, loss)
+        super().advance(step, loss, tokens_per_s)
 
 
 def run_dstrain(cfg: TrainConfig, run_dir: Path):

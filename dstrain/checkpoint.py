@@ -42,7 +42,10 @@ RESUME_INDEPENDENT_KEYS = {"trainer.resume"}
 @dataclass
 class TrainState:
     step: int = 0
+    # The data position: epoch and offset within it follow from this and the seed (dstrain.data.BatchPlan).
     samples_consumed: int = 0
+    # The W&B run this training logs into, so that a resumed or requeued job continues it.
+    tracker_run_id: Optional[str] = None
 
 
 def _rng_state() -> dict:

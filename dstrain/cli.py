@@ -21,7 +21,11 @@ from dstrain.config import ConfigError, TrainConfig, register_schema
 from dstrain.preemption import PREEMPTED_EXIT_CODE
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-CONFIG_GROUPS = frozenset(p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# conf/sweep holds W&B sweep definitions for `wandb sweep`, not options of a config group.
+NOT_CONFIG_GROUPS = {"sweep"}
+CONFIG_GROUPS = frozenset(
+    p.name for p in CONF_DIR.iterdir() if p.is_dir() and not p.name.startswith("_") and p.name not in NOT_CONFIG_GROUPS
+)
 
 # Exit codes a job script can act on; 75 (PREEMPTED_EXIT_CODE) means "run the same command again".
 CONFIG_ERROR_EXIT_CODE = 2
@@ -89,11 +93,27 @@ def _hydra_main(dict_config) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def with_sweep_group(argv: List[str]) -> List[str]:
+    """Under -m, every job of the sweep logs to one W&B group unless the user named one. The name comes from
+    the command line, so every rank, and every requeue of a job, agrees on it."""
+    if not ({"-m", "--multirun"} & set(argv)) or any(arg.startswith("logger.wandb.group=") for arg in argv):
+        return argv
+    digest = hashlib.sha1(" ".join(argv).encode()).hexdigest()[:10]
+    return with_override(argv, f"logger.wandb.group=sweep-{digest}")
+
+
+def with_override(argv: List[str], override: str) -> List[str]:
+    """argv plus one override, placed next to the others: Hydra's argparse takes overrides as one run of
+    positional arguments, so one after a flag such as `--cfg job` would be refused."""
+    first = next((index for index, arg in enumerate(argv) if "=" in arg and not arg.startswith("-")), len(argv))
+    return [*argv[:first], override, *argv[first:]]
+
+
 def main() -> None:
-    argv = normalize_argv(sys.argv[1:])
+    argv = with_sweep_group(normalize_argv(sys.argv[1:]))
     if _rank() != 0:
         # One copy of the composed config in the run directory is enough.
-        argv.append("hydra.output_subdir=null")
+        argv = with_override(argv, "hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     register_schema()
     if not OmegaConf.has_resolver("dstrain_run_name"):

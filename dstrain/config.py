@@ -136,9 +136,33 @@ class TrainerConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dstrain"
+    entity: Optional[str] = None
+    # Runs of one Hydra multirun share a group by default (the sweep's name); set it to group runs yourself.
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    # The W&B run's display name; by default the run directory's name.
+    name: Optional[str] = None
+    # "online", "offline" or "disabled"; the WANDB_MODE environment variable, where set, wins.
+    mode: str = "online"
+    # How long to try to reach the W&B server before falling back to offline logging.
+    init_timeout_s: float = 90.0
+
+
+@dataclass
+class TensorBoardConfig:
+    enabled: bool = False
+
+
+@dataclass
 class LoggerConfig:
-    name: str = "jsonl"
+    # The metrics file in the run directory, always written: "jsonl" or "csv".
+    file: str = "jsonl"
     log_every: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
 @dataclass
@@ -201,7 +225,8 @@ _CHOICES = {
     "scheduler.name": ("cosine",),
     "data.name": ("builtin", "files"),
     "data.format": ("text", "jsonl"),
-    "logger.name": ("jsonl", "csv"),
+    "logger.file": ("jsonl", "csv"),
+    "logger.wandb.mode": ("online", "offline", "disabled"),
     "zero.stage": (0, 1, 2, 3),
     "trainer.nonfinite": ("stop", "skip"),
     "precision.grad_accum_dtype": (None, "fp32", "bf16"),

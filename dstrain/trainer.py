@@ -1,5 +1,8 @@
 """The training loop: config in, a trained DeepSpeed engine and checkpoints out. Read it top to bottom."""
 
+import atexit
+import hashlib
+import json
 import logging
 import math
 import os
@@ -8,20 +11,21 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import deepspeed
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 import transformers
 from deepspeed.accelerator import get_accelerator
 
 from dstrain.checkpoint import CheckpointManager, TrainState
-from dstrain.config import TrainConfig, validate, validate_accelerator
+from dstrain.config import ConfigError, TrainConfig, validate, validate_accelerator
 from dstrain.data import BatchPlan, build_tokenizer, eval_batches, packed_blocks
 from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.metrics import MetricsLogger
@@ -41,19 +45,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
     """Train until trainer.max_steps; returns False if a stop signal ended the run early (after saving)."""
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
-    owns_process_group = not dist.is_initialized()
     rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
-    try:
-        with StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
-            return _train(cfg, run_dir, rank, world_size, stop_signal)
-    finally:
-        if owns_process_group:
-            # Gloo's worker threads outlive a group that is not destroyed and can abort the interpreter at exit.
-            dist.destroy_process_group()
+    with StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
+        return _train(cfg, run_dir, rank, world_size, stop_signal)
 
 
 def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_signal: StopSignal) -> bool:
     setup_logging(rank, run_dir)
+    require_one_config(cfg, run_dir, world_size)
     seed_everything(cfg.trainer.seed)
     device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
@@ -108,7 +107,10 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
     plan = BatchPlan(
         train_blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank
     )
-    metrics = MetricsLogger(run_dir, cfg.logger.name, rank == 0, trainer.max_steps, state.step)
+    metrics = MetricsLogger(
+        run_dir, cfg.logger, rank == 0, trainer.max_steps, state.step, asdict(cfg), state.tracker_run_id
+    )
+    state = replace(state, tracker_run_id=metrics.tracker_run_id)
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     # DeepSpeed's plain fp32 path clips without keeping the norm; its grads are whole on every rank there.
     engine_skips_grad_norm = engine.zero_optimization_stage() == 0 and cfg.precision.dtype == "fp32"
@@ -134,7 +136,7 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
                 grad_norm = engine.get_global_grad_norm()
             grad_norm = float(grad_norm)
             epoch = plan.epoch_of_sample(state.samples_consumed)
-            state = TrainState(step=step, samples_consumed=state.samples_consumed + plan.global_batch)
+            state = replace(state, step=step, samples_consumed=state.samples_consumed + plan.global_batch)
             # One collective per step carries both the loss and whether any rank was told to stop.
             loss_sum, stops = sum_over_ranks(
                 [torch.stack(micro_losses).mean(), float(stop_signal.received is not None)], device
@@ -146,7 +148,7 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
             # Under fp16 an infinite gradient norm is the loss scaler's routine overflow, not a fault.
             finite = math.isfinite(loss) and (math.isfinite(grad_norm) or cfg.precision.dtype == "fp16")
             update_skipped = engine.skipped_steps > skipped_before
-            metrics.advance(step, loss)
+            metrics.advance(step, loss, tokens_per_step / elapsed)
             if step % cfg.logger.log_every == 0 or step == trainer.max_steps or step == 1 or not finite:
                 metrics.log(step, {
                     "loss": loss,
@@ -157,6 +159,7 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
                     "epoch": epoch,
                     **({} if finite else {"update_skipped": update_skipped}),
                     **_loss_scale_metrics(engine, cfg),
+                    **memory_per_rank(device, world_size),
                 })
             else:
                 metrics.log(step, {"loss": loss, "lr": engine.get_lr()[0]}, echo=False)
@@ -174,8 +177,11 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
                 metrics.log(step, {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
             if (trainer.save_every and step % trainer.save_every == 0) or is_last or stops:
                 watchdog.progress()
+                save_started = time.perf_counter()
                 path = checkpoints.save(engine, state)
                 log.info("saved checkpoint %s", path)
+                metrics.log(step, {"checkpoint_step": step, "checkpoint_save_s": time.perf_counter() - save_started},
+                            echo=False)
             if stops:
                 log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is "
                             "restarted, and a restart resumes here", step, PREEMPTED_EXIT_CODE)
@@ -208,6 +214,21 @@ def check_nonfinite_step(step, loss, grad_norm, update_skipped, skipped_in_a_row
         raise TrainingDiverged(
             f"{what}: {skipped_in_a_row} steps in a row were NaN/inf and skipped "
             f"(trainer.max_consecutive_skips={trainer.max_consecutive_skips}); the model has diverged. {kept}"
+        )
+
+
+def require_one_config(cfg: TrainConfig, run_dir: Path, world_size: int) -> None:
+    """Every rank must train the same config in the same directory; a value resolved separately per process
+    (a timestamp, an environment variable that differs between nodes) would silently split them."""
+    described = json.dumps({"config": asdict(cfg), "run_dir": str(run_dir)}, sort_keys=True, default=str)
+    digests = [None] * world_size
+    dist.all_gather_object(digests, hashlib.sha1(described.encode()).hexdigest())
+    if len(set(digests)) > 1:
+        groups = {digest: [rank for rank, other in enumerate(digests) if other == digest] for digest in digests}
+        raise ConfigError(
+            f"the ranks composed different configs or run directories (ranks grouped by config: "
+            f"{list(groups.values())}). Give every rank the same command line, and avoid values resolved per "
+            f"process such as ${{now:...}} in run.name or run.root."
         )
 
 
@@ -262,6 +283,20 @@ def replicated_grad_norm(module: torch.nn.Module) -> float:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
 
 
+def memory_per_rank(device: torch.device, world_size: int) -> dict:
+    """Each rank's peak accelerator memory (resident memory on a CPU), in GB; a collective, so every rank
+    calls it at the same steps."""
+    if device.type == "cpu":
+        used = psutil.Process().memory_info().rss
+    else:
+        used = get_accelerator().max_memory_allocated(device)
+    gathered = torch.zeros(world_size, dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(gathered, torch.tensor([used / 1e9], dtype=torch.float64, device=device))
+    per_rank = gathered.tolist()
+    return {"memory_gb_max": round(max(per_rank), 3),
+            **{f"memory_gb/rank{rank}": round(value, 3) for rank, value in enumerate(per_rank)}}
+
+
 def _loss_scale_metrics(engine, cfg: TrainConfig) -> dict:
     if cfg.precision.dtype != "fp16":
         return {}
@@ -293,7 +328,11 @@ class rank_zero_first:
 
 def init_distributed(timeout: timedelta):
     """Join the process group that the launcher (deepspeed, torchrun, srun) described in the environment.
-    A plain `python launch/train.py` becomes a world of one."""
+    A plain `python launch/train.py` becomes a world of one. The group lives as long as the process: the jobs
+    of a Hydra multirun train one after another in it, and a group set up again on the same port could meet
+    the previous one's store."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     os.environ.update(rendezvous_from_slurm(os.environ))
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -308,7 +347,14 @@ def init_distributed(timeout: timedelta):
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(), timeout=timeout, verbose=False
     )
+    atexit.register(_destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_process_group() -> None:
+    # Gloo's worker threads outlive a group that is not destroyed, and abort the interpreter at exit.
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:

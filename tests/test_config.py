@@ -90,7 +90,7 @@ def compose_typed(overrides, normalize: bool = True) -> TrainConfig:
 def group_options():
     """Every conf/<group>/<option>.yaml."""
     options = []
-    for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+    for group_dir in sorted(CONF_DIR / group for group in CONFIG_GROUPS):
         for option in sorted(group_dir.glob("*.yaml")):
             options.append((group_dir.name, option.stem))
     return options
@@ -187,10 +187,14 @@ def test_every_group_option_composes_and_validates(group, option):
     node = getattr(cfg, group)
     option_values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
     assert option_values, f"conf/{group}/{option}.yaml sets nothing"
+    typed_values = OmegaConf.to_container(OmegaConf.structured(node))
     for key, value in option_values.items():
         if value == "???":
             continue
-        assert getattr(node, key) == value, f"{group}.{key}: {getattr(node, key)!r} != {value!r}"
+        if isinstance(value, dict):
+            assert typed_values[key] | value == typed_values[key], f"{group}.{key}: {typed_values[key]!r} lacks {value!r}"
+        else:
+            assert typed_values[key] == value, f"{group}.{key}: {typed_values[key]!r} != {value!r}"
 
     # The run name is the overrides, without quotes or path separators.
     assert f"+{group}={option}" in cfg.run.name.split(",")
@@ -507,6 +511,25 @@ def test_timeouts_must_be_positive(override):
 def test_max_consecutive_skips_must_be_at_least_one():
     with pytest.raises(ConfigError, match=r"trainer\.max_consecutive_skips=0 must be at least 1"):
         validate(compose_typed(["trainer.max_consecutive_skips=0"]))
+
+
+def test_unknown_logger_lists_the_valid_ones(tmp_path):
+    completed = run_entry(tmp_path, "+logger=neptune", "--cfg", "job")
+    assert completed.returncode != 0
+    assert "Could not find 'logger/neptune'" in completed.stderr
+    assert "Available options in 'logger'" in completed.stderr
+    for name in ("csv", "jsonl", "tensorboard", "wandb"):
+        assert f"\t{name}\n" in completed.stderr
+
+
+def test_several_loggers_at_once(tmp_path):
+    logger = cfg_job(tmp_path, "+logger=[csv,wandb,tensorboard]")["logger"]
+    assert logger["file"] == "csv" and logger["wandb"]["enabled"] and logger["tensorboard"]["enabled"]
+
+
+def test_wandb_mode_lists_its_choices():
+    with pytest.raises(ConfigError, match=r"logger\.wandb\.mode='cloud' is not one of \['online', 'offline', 'disabled'\]"):
+        validate(compose_typed(["+logger=wandb", "logger.wandb.mode=cloud"]))
 
 
 def test_entry_point_config_error_is_one_line_and_before_process_group(tmp_path):
