@@ -58,7 +58,9 @@ def add_submit_command(subparsers) -> None:
         ),
     )
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script; submit nothing")
-    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. +model=7b launcher.nodes=2")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. +model=7b launcher.nodes=2"
+    )
     parser.set_defaults(handler=run_submit)
 
 
@@ -68,11 +70,34 @@ def run_submit(args: argparse.Namespace) -> None:
     submit(args.overrides, dry_run=args.dry_run)
 
 
+def add_report_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="plot a run's metrics file as PNGs",
+        description=(
+            "Read RUN_DIR/metrics.jsonl or metrics.csv and write loss (with eval_loss), lr, grad_norm and "
+            "throughput plots, one PNG each plus summary.png, to RUN_DIR/report. Steps that a resumed run "
+            "repeated are taken from the resumed run."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, <run.root>/<run.name>")
+    parser.add_argument("--output", metavar="DIR", help="where to write the PNGs (default: RUN_DIR/report)")
+    parser.set_defaults(handler=run_report)
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from dstrain.report import write_report
+
+    for path in write_report(args.run_dir, args.output):
+        print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="dstrain: tools around training runs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_export_command(subparsers)
     add_submit_command(subparsers)
+    add_report_command(subparsers)
     return parser
 
 

@@ -17,7 +17,6 @@ RequeueExit. A requeued job keeps its id, so it finds its run directory, and `tr
 the checkpoint it saved.
 """
 
-import math
 import re
 import shlex
 import shutil
@@ -34,9 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "launch" / "slurm" / "job.sbatch.template"
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 
-# MASTER_PORT = PORT_BASE + job id % PORT_SPAN: ports 10000-59999, below Linux's ephemeral range (32768+ is
-# shared with it, so a clash with a random outgoing connection is possible but rare). Two jobs on one node
-# collide only if their ids differ by a multiple of 50000.
+# MASTER_PORT = PORT_BASE + job id % PORT_SPAN, in 10000-59999. Two jobs on one node collide only if their ids
+# differ by a multiple of 50000. Above 32767 the range overlaps Linux's ephemeral ports, so an outgoing
+# connection holding the port is possible, if rare.
 PORT_BASE, PORT_SPAN = 10000, 50000
 # The allocation the job was submitted for; every rank compares it with what SLURM actually started.
 EXPECTED_NODES = "DSTRAIN_EXPECTED_NODES"
@@ -50,13 +49,12 @@ SIGNALS = ("USR1", "TERM")
 # SLURM keeps the --signal lead time in 16 bits.
 MAX_SIGNAL_LEAD_S = 65535
 
-# sbatch options the launcher writes itself, and the launcher key (or fact) that decides each one.
+# sbatch options that `dstrain submit` writes itself, and what it writes each one from.
 MANAGED_OPTIONS = {
     "--nodes": "launcher.nodes", "-N": "launcher.nodes",
-    "--ntasks": "launcher.nodes x launcher.gpus_per_node", "-n": "launcher.nodes x launcher.gpus_per_node",
+    "--ntasks": "launcher.nodes and launcher.gpus_per_node", "-n": "launcher.nodes and launcher.gpus_per_node",
     "--ntasks-per-node": "launcher.gpus_per_node", "--gpus-per-node": "launcher.gpus_per_node",
-    "--gpus": "launcher.gpus_per_node", "-G": "launcher.gpus_per_node",
-    "--gpus-per-task": "launcher.gpus_per_node",
+    "--gpus": "launcher.gpus_per_node", "-G": "launcher.gpus_per_node", "--gpus-per-task": "launcher.gpus_per_node",
     "--cpus-per-task": "launcher.cpus_per_task", "-c": "launcher.cpus_per_task",
     "--mem": "launcher.mem",
     "--partition": "launcher.partition", "-p": "launcher.partition",
@@ -68,9 +66,9 @@ MANAGED_OPTIONS = {
     "--requeue": "launcher.requeue", "--no-requeue": "launcher.requeue",
     "--output": "run.root and run.name", "-o": "run.root and run.name",
     "--error": "run.root and run.name", "-e": "run.root and run.name",
-    "--open-mode": "the launcher (append, so that a requeued run adds to the log)",
+    "--open-mode": "the requeue (append: a requeued run adds to the log)",
     "--chdir": "the directory you submit from", "-D": "the directory you submit from",
-    "--hold": "dstrain submit", "-H": "dstrain submit",
+    "--hold": "the submission (held until the run directory exists)", "-H": "the submission",
 }
 
 
@@ -232,7 +230,8 @@ def validate_launcher(cfg: TrainConfig) -> None:
             f"{cfg.trainer.stop_grace_s:g} (the time the ranks may take to reach a step boundary and save) "
             f"and be at most {MAX_SIGNAL_LEAD_S}: raise it, or lower trainer.stop_grace_s."
         )
-    if launcher.time is not None and (time_limit_s(launcher.time) or math.inf) <= launcher.signal_lead_s:
+    limit = time_limit_s(launcher.time) if launcher.time is not None else None
+    if limit is not None and limit <= launcher.signal_lead_s:
         raise ConfigError(
             f"launcher.time={launcher.time} is not longer than launcher.signal_lead_s={launcher.signal_lead_s}: "
             f"the stop signal would come before training starts. Raise launcher.time or lower the lead."
@@ -243,10 +242,10 @@ def validate_launcher(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"launcher.extra_sbatch item {option!r} is not an sbatch option: write it as --option=value"
             )
-        decided_by = managed_by(name, option)
-        if decided_by:
-            fix = f"set {decided_by} instead" if decided_by.startswith("launcher.") else "remove it"
-            raise ConfigError(f"launcher.extra_sbatch sets {name}, which {decided_by} decides: {fix}")
+        source = managed_by(name, option)
+        if source:
+            fix = f"set {source} instead" if source.startswith("launcher.") else "remove it"
+            raise ConfigError(f"launcher.extra_sbatch sets {name}, which dstrain submit writes from {source}: {fix}")
     for key in ("gpu_type", "mem", "partition", "account", "qos", "time", "job_name"):
         value = getattr(launcher, key)
         if value is not None and (not value or any(char.isspace() for char in value)):
@@ -270,7 +269,7 @@ def managed_by(name: str, option: str) -> Optional[str]:
 
 
 def time_limit_s(value: str) -> Optional[int]:
-    """Seconds in SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None for no limit."""
+    """Seconds in SLURM's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S); None for no limit (0 too)."""
     if value.upper() in ("UNLIMITED", "INFINITE"):
         return None
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
@@ -280,10 +279,12 @@ def time_limit_s(value: str) -> Optional[int]:
         )
     days, first, second, third = (int(group) if group else None for group in match.groups())
     if days is not None:  # D-H, D-H:M, D-H:M:S
-        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
-    if third is not None:  # H:M:S
-        return (first * 60 + second) * 60 + third
-    return first * 60 + (second or 0)  # M, M:S
+        seconds = ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    elif third is not None:  # H:M:S
+        seconds = (first * 60 + second) * 60 + third
+    else:  # M, M:S
+        seconds = first * 60 + (second or 0)
+    return seconds or None
 
 
 def check_resume(plan: JobPlan) -> None:
@@ -359,7 +360,9 @@ def check_cluster(launcher: LauncherConfig, partitions: Dict[str, Partition]) ->
         chosen = launcher.partition.split(",")
         for name in chosen:
             if name not in partitions:
-                raise ConfigError(f"launcher.partition={launcher.partition}: no partition {name!r} here (sinfo lists: {names})")
+                raise ConfigError(
+                    f"launcher.partition={launcher.partition}: no partition {name!r} here (sinfo lists: {names})"
+                )
     for name in chosen:
         partition = partitions[name]
         if launcher.nodes > partition.nodes:
@@ -439,13 +442,19 @@ def fill_template(template: str, values: Dict[str, str]) -> str:
 def submit(overrides: Sequence[str], dry_run: bool) -> None:
     plan = plan_job(overrides)
     launcher = plan.cfg.launcher
+    sbatch = shutil.which("sbatch")
+    if sbatch is None and not dry_run:
+        raise ConfigError(
+            "sbatch not found on PATH: run dstrain submit on a SLURM login node (or put SLURM's bin directory "
+            "on PATH); --dry-run prints the script without submitting"
+        )
     try:
         sinfo = shutil.which("sinfo")
         if sinfo is None:
             raise ConfigError("sinfo not found")
         partitions = read_partitions(_slurm([sinfo, "-h", "-a", "-o", "%P|%D|%c|%G"], "sinfo"), launcher.gpu_type)
     except ConfigError as error:
-        # Printing the script needs no cluster; submitting does, and sbatch is checked for below.
+        # Printing the script needs no cluster; submitting does.
         if not dry_run:
             raise
         print(f"dstrain: {error}: the partition, node and GPU checks were skipped", file=sys.stderr)
@@ -456,12 +465,6 @@ def submit(overrides: Sequence[str], dry_run: bool) -> None:
         print(script, end="")
         return
 
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise ConfigError(
-            "sbatch not found on PATH: run dstrain submit on a SLURM login node (or put SLURM's bin directory "
-            "on PATH); --dry-run prints the script without submitting"
-        )
     # Held until its run directory exists: the log is written there, and SLURM does not create directories.
     job_id = _slurm([sbatch, "--parsable", "--hold"], "sbatch", stdin=script).strip().split(";")[0]
     try:
