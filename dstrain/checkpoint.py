@@ -188,6 +188,13 @@ class CheckpointManager:
         existing = self.checkpoints()
         if resume == "auto":
             return existing[::-1]
+        if resume == "must":
+            if not existing:
+                raise ConfigError(
+                    f"trainer.resume=must, but {self.directory} holds no complete checkpoint: check run.name and "
+                    f"run.root, or use trainer.resume=auto to start there from step 0."
+                )
+            return existing[::-1]
         if resume == "never":
             if existing:
                 raise ConfigError(
@@ -212,13 +219,18 @@ class CheckpointManager:
             problem = problem_with(path)
             if _all_ranks_agree(problem is None):
                 return path
-            if resume != "auto":
+            if resume not in ("auto", "must"):
                 raise ConfigError(
                     f"trainer.resume={resume}: the checkpoint is damaged: {problem or 'another rank found a bad file'}."
                     f" Point trainer.resume at another step_* directory, or use trainer.resume=auto."
                 )
             if problem is not None:
                 log.warning("skipping checkpoint %s: %s", path, problem)
+        if resume == "must":
+            raise ConfigError(
+                f"trainer.resume=must, but no checkpoint in {self.directory} can be loaded (the warnings above say "
+                f"why): use trainer.resume=auto to start there from step 0."
+            )
         if candidates:
             log.warning("no loadable checkpoint in %s; starting from step 0", self.directory)
         return None

@@ -102,6 +102,16 @@ def with_sweep_group(argv: List[str]) -> List[str]:
     return with_override(argv, f"logger.wandb.group=sweep-{digest}")
 
 
+def with_sweep_run_names(argv: List[str]) -> List[str]:
+    """Under -m, a run.name the user gives names the sweep's folder, and each job gets its own run directory
+    inside it, named by its overrides; otherwise every job would train in one directory."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    return [
+        f"{arg}/${{dstrain_run_name:}}" if arg.startswith("run.name=") and "${" not in arg else arg for arg in argv
+    ]
+
+
 def with_override(argv: List[str], override: str) -> List[str]:
     """argv plus one override, placed next to the others: Hydra's argparse takes overrides as one run of
     positional arguments, so one after a flag such as `--cfg job` would be refused."""
@@ -110,7 +120,7 @@ def with_override(argv: List[str], override: str) -> List[str]:
 
 
 def main() -> None:
-    argv = with_sweep_group(normalize_argv(sys.argv[1:]))
+    argv = with_sweep_group(with_sweep_run_names(normalize_argv(sys.argv[1:])))
     if _rank() != 0:
         # One copy of the composed config in the run directory is enough.
         argv = with_override(argv, "hydra.output_subdir=null")

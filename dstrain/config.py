@@ -130,6 +130,7 @@ class TrainerConfig:
     nonfinite: str = "stop"
     max_consecutive_skips: int = 10
     # "auto": continue from the newest checkpoint in the run directory, if any.
+    # "must": the same, but refuse to start from step 0 when there is none that loads.
     # "never": start fresh, and refuse to if the run directory already has checkpoints.
     # A path: load that checkpoint directory.
     resume: str = "auto"

@@ -96,8 +96,10 @@ class WandbSink:
                 raise
             log.warning(
                 "W&B could not start online (%s: %s); logging offline to %s instead. Upload later with "
-                "`wandb sync %s`.", type(error).__name__, error, directory / "wandb", directory / "wandb" / "offline-run-*",
+                "`wandb sync %s`.", type(error).__name__, " ".join(str(error).split()), directory / "wandb", directory / "wandb" / "offline-run-*",
             )
+            # The failed attempt still holds the run id in W&B's service process; start a fresh one.
+            wandb.teardown()
             self._run = wandb.init(**settings, mode="offline")
         log.info("W&B run %s (%s)", self.run_id, self._run.settings.mode)
 

@@ -115,7 +115,7 @@ def _train(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int, stop_sig
     # DeepSpeed's plain fp32 path clips without keeping the norm; its grads are whole on every rank there.
     engine_skips_grad_norm = engine.zero_optimization_stage() == 0 and cfg.precision.dtype == "fp32"
     engine.train()
-    skipped_in_a_row = 0
+    skipped_in_a_row, stops = 0, False
     step_started = time.perf_counter()
 
     with ProgressWatchdog(trainer.collective_timeout_s) as watchdog:

@@ -126,6 +126,9 @@ def test_resume_auto_continues_from_the_saved_step(tmp_path):
     assert steps == list(range(1, 31)), "the second run must continue at step 21, not start over"
     assert (first.run_dir / "checkpoints" / "step_00000030" / "manifest.json").is_file()
 
+    again = train(tmp_path, "trainer.max_steps=30", "trainer.save_every=10", "trainer.eval_every=0", name="resumed")
+    assert "at step 30" in again.output and "done: step 30 of 30" in again.output, "a finished run stays finished"
+
 
 @pytest.mark.slow
 def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
