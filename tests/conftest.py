@@ -57,6 +57,24 @@ def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", ch
     return run
 
 
+# A 2-rank run heavy enough (about 0.1-0.3 s a step here) that a test can act between two steps.
+STANDARD_RUN = ("trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.micro_batch_size=32")
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """`shared_run(*overrides)`: a 2-rank training run that several tests read, trained once per session.
+    Tests only read it (losses, final checkpoint); one that changes its directory must train its own."""
+    runs = {}
+
+    def run(*overrides: str) -> Run:
+        if overrides not in runs:
+            runs[overrides] = train(tmp_path_factory.mktemp("shared"), *overrides, name="shared")
+        return runs[overrides]
+
+    return run
+
+
 SHARED_MEMORY = Path("/dev/shm")
 
 

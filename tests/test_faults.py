@@ -12,12 +12,11 @@ import psutil
 import pytest
 import torch
 
-from conftest import TRAIN, _env, _free_port, train
+from conftest import STANDARD_RUN, TRAIN, _env, _free_port, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
-# Steps heavy enough (about 0.1-0.3 s here) that a test can act between two of them.
-RUN = ("trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.micro_batch_size=32")
+RUN = STANDARD_RUN
 
 
 def _start(tmp_path, *overrides, name, ranks=2):
@@ -75,9 +74,10 @@ def _final_weights(run_dir, step):
     ],
     ids=["z1-fp32", "z2-fp32", "z3-fp32", "z1-bf16", "z2-bf16", "z3-bf16", "z2-accum", "z3-lora"],
 )
-def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(tmp_path, zero, precision, extra):
-    overrides = (*RUN, f"+zero={zero}", f"+precision={precision}", "trainer.save_every=8", *extra)
-    reference = train(tmp_path, *overrides, name="reference")
+def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(tmp_path, shared_run, zero, precision, extra):
+    # trainer.save_every changes no loss, so the reference is the shared uninterrupted run.
+    reference = shared_run(*RUN, f"+zero={zero}", f"+precision={precision}", *extra)
+    overrides = (*RUN, f"+zero={zero}", f"+precision={precision}", *extra, "trainer.save_every=8")
 
     process = _start(tmp_path, *overrides, name="killed")
     run_dir = tmp_path / "outputs" / "killed"
@@ -98,9 +98,9 @@ def test_sigkill_then_resume_repeats_the_uninterrupted_run_exactly(tmp_path, zer
         assert torch.equal(final[name], tensor), name
 
 
-def test_stop_signal_to_one_rank_stops_all_at_one_step_and_resume_continues(tmp_path):
+def test_stop_signal_to_one_rank_stops_all_at_one_step_and_resume_continues(tmp_path, shared_run):
+    reference = shared_run(*RUN, "+zero=2", "+precision=fp32")
     overrides = (*RUN, "+zero=2", "trainer.save_every=100")
-    reference = train(tmp_path, *overrides, name="reference")
 
     process = _start(tmp_path, *overrides, name="preempted")
     run_dir = tmp_path / "outputs" / "preempted"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train
+from conftest import STANDARD_RUN, train
 
 SHORT = ("trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.save_every=0")
 
@@ -23,12 +23,12 @@ def _assert_learns(losses: dict, steps: int):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
-def test_two_ranks_train_with_every_zero_stage_and_precision(tmp_path, zero, precision):
-    run = train(tmp_path, f"+zero={zero}", f"+precision={precision}", *SHORT)
-    _assert_learns(run.losses(), 12)
-    assert "global batch: 16 sequences" in run.output
+def test_two_ranks_train_with_every_zero_stage_and_precision(shared_run, zero, precision):
+    run = shared_run(*STANDARD_RUN, f"+zero={zero}", f"+precision={precision}")
+    _assert_learns(run.losses(), 24)
+    assert "global batch: 64 sequences" in run.output
     assert run.output.count("run directory:") == 1, "only rank 0 reports"
-    assert (run.run_dir / "checkpoints" / "step_00000012" / "manifest.json").is_file()
+    assert (run.run_dir / "checkpoints" / "step_00000024" / "manifest.json").is_file()
     if zero == "3":
         assert "ZeRO-3: 21 of 21 parameter tensors partitioned as they were built" in run.output
 
@@ -41,9 +41,9 @@ def test_offload_presets_train(tmp_path, zero):
 
 
 @pytest.mark.slow
-def test_zero0_and_zero3_give_the_same_losses_in_fp32(tmp_path):
-    zero0 = train(tmp_path, "+zero=0", *SHORT, name="zero0").losses()
-    zero3 = train(tmp_path, "+zero=3", *SHORT, name="zero3").losses()
+def test_zero0_and_zero3_give_the_same_losses_in_fp32(shared_run):
+    zero0 = shared_run(*STANDARD_RUN, "+zero=0", "+precision=fp32").losses()
+    zero3 = shared_run(*STANDARD_RUN, "+zero=3", "+precision=fp32").losses()
     assert zero0.keys() == zero3.keys()
     for step in zero0:
         assert zero3[step] == pytest.approx(zero0[step], rel=1e-5, abs=1e-6), f"step {step}"
