@@ -161,3 +161,39 @@ def test_ranks_with_different_configs_are_stopped(tmp_path):
         assert process.returncode == 2, output[-3000:]
         assert "the ranks composed different configs or run directories" in output
         assert "${now:...}" in output
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_with_eta_elsewhere(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    overrides = ["trainer.max_steps=6", "scheduler.warmup_steps=1", "trainer.eval_every=0", "logger.log_every=2",
+                 f"run.root={tmp_path / 'outputs'}"]
+    controller, terminal = pty.openpty()
+    # A terminal 120 columns wide, as a user's would be (a bare pty has no size).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, str(TRAIN), *overrides, "run.name=terminal"], cwd=tmp_path,
+                               env=_env(), stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert process.wait(timeout=300) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "train: 100%" in shown and "6/6" in shown and "tokens_per_s=" in shown, shown[-3000:]
+    assert "eta=" not in shown, "the bar shows the ETA; the lines need not"
+
+    piped = train(tmp_path, *overrides[:-1], name="piped", ranks=0)
+    assert "train:" not in piped.output
+    step_lines = [line for line in piped.output.splitlines() if " step 2 " in f" {line} " and "loss=" in line]
+    assert step_lines and "eta=" in step_lines[0], piped.output[-3000:]
