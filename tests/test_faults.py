@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,11 +177,10 @@ def test_resume_on_another_world_size(tmp_path, zero, before, after):
     micro = {1: "trainer.micro_batch_size=32", 2: "trainer.micro_batch_size=16"}
     reference = train(tmp_path, *common, micro[before], name="reference", ranks=before)
 
-    process = _start(tmp_path, *common, micro[before], name="moved", ranks=before)
+    # The reference's step-8 checkpoint, as a run on `before` ranks that stopped there would have left it.
     run_dir = tmp_path / "outputs" / "moved"
-    _wait_for(run_dir / "checkpoints" / "step_00000008" / "manifest.json", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    shutil.copytree(reference.run_dir / "checkpoints" / "step_00000008", run_dir / "checkpoints" / "step_00000008")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000008")
 
     resumed = train(tmp_path, *common, micro[after], name="moved", ranks=after)
     assert "to DeepSpeed's universal format" in resumed.output and "at step 8" in resumed.output
@@ -213,10 +213,6 @@ def test_nan_loss_stops_without_saving_and_keeps_the_last_good_checkpoint(tmp_pa
     checkpoints = tmp_path / "outputs" / "nan" / "checkpoints"
     assert [path.name for path in checkpoints.glob("*step_*")] == ["step_00000004"]
     assert (checkpoints / "latest").read_text() == "step_00000004"
-
-    resumed = train(tmp_path, *SHORT, "trainer.save_every=4", name="nan")
-    assert "at step 4" in resumed.output
-    assert all(math.isfinite(loss) for loss in _last_losses(resumed.run_dir).values())
 
 
 def test_nan_loss_with_skip_leaves_the_weights_unchanged_and_trains_on(tmp_path):
