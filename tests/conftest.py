@@ -57,6 +57,21 @@ def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", ch
     return run
 
 
+def start_ranks_without_a_launcher(tmp_path: Path, overrides_per_rank) -> list:
+    """One `python launch/train.py` per rank, with the environment srun or a per-node launch gives it, and
+    nobody watching: no launcher kills the others when one dies. Each rank's overrides include run.root."""
+    port = str(_free_port())
+    processes = []
+    for rank, overrides in enumerate(overrides_per_rank):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(overrides_per_rank)),
+                   LOCAL_WORLD_SIZE=str(len(overrides_per_rank)), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        processes.append(subprocess.Popen(
+            [sys.executable, str(TRAIN), *overrides], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        ))
+    return processes
+
+
 # A 2-rank run heavy enough (about 0.1-0.3 s a step here) that a test can act between two steps.
 STANDARD_RUN = ("trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.micro_batch_size=32")
 

@@ -6,14 +6,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
 
-from conftest import STANDARD_RUN, TRAIN, _env, _free_port, train
+from conftest import STANDARD_RUN, TRAIN, _env, _free_port, start_ranks_without_a_launcher, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -263,25 +262,12 @@ def test_stop_signal_during_a_step_longer_than_the_grace_period_exits_without_sa
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000001"
 
 
-def _start_ranks_without_a_launcher(tmp_path, *overrides, name):
-    """Two ranks as srun or a per-node launch starts them: nobody watches them and kills the rest if one dies,
-    so only dstrain's collective timeout stands between a dead peer and a hang."""
-    port = str(_free_port())
-    processes = []
-    for rank in range(2):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(subprocess.Popen(
-            [sys.executable, str(TRAIN), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    return processes
-
-
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_survivor_of_a_dead_or_hung_peer_exits_and_a_restart_resumes(tmp_path, fault):
     overrides = (*RUN, "+zero=2", "trainer.save_every=8", "trainer.collective_timeout_s=15")
-    survivor, peer = _start_ranks_without_a_launcher(tmp_path, *overrides, name="fault")
+    # Only dstrain's own timeouts stand between a dead or hung peer and a hang.
+    args = [*overrides, f"run.root={tmp_path / 'outputs'}", "run.name=fault"]
+    survivor, peer = start_ranks_without_a_launcher(tmp_path, [args, args])
     run_dir = tmp_path / "outputs" / "fault"
     _wait_for(run_dir / "checkpoints" / "step_00000008" / "manifest.json", survivor)
     peer.send_signal(fault)

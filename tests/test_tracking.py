@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TRAIN, _env, _free_port, train
+from conftest import REPO, TRAIN, _env, _free_port, start_ranks_without_a_launcher, train
 from wandb_offline import find_runs, read_history
 
 pytestmark = pytest.mark.slow
@@ -41,8 +41,8 @@ def test_wandb_and_tensorboard_log_one_run_that_a_resumed_job_continues(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     loggers = ("+logger=[wandb,tensorboard]", "logger.wandb.project=tracking", "logger.wandb.tags=[a,b]")
-    first = _train_tracked(tmp_path, *SHORT, *loggers, "trainer.max_steps=8", "optim.lr=0.002", name="tracked",
-                           env=_offline_env())
+    _train_tracked(tmp_path, *SHORT, *loggers, "trainer.max_steps=8", "optim.lr=0.002", name="tracked",
+                   env=_offline_env())
     resumed = _train_tracked(tmp_path, *SHORT, *loggers, "trainer.max_steps=12", "optim.lr=0.002", name="tracked",
                              env=_offline_env())
     assert "at step 8" in resumed.stdout
@@ -146,16 +146,10 @@ def test_the_command_a_wandb_sweep_agent_runs_trains_with_the_swept_values(tmp_p
 
 def test_ranks_with_different_configs_are_stopped(tmp_path):
     """The per-rank `${now:...}` trap: each process resolves its own run directory."""
-    port = str(_free_port())
-    processes = []
-    for rank in range(2):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(subprocess.Popen(
-            [sys.executable, str(TRAIN), "trainer.max_steps=2", "scheduler.warmup_steps=1",
-             f"run.root={tmp_path / 'outputs'}", f"run.name=run-{rank}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+    processes = start_ranks_without_a_launcher(tmp_path, [
+        ["trainer.max_steps=2", "scheduler.warmup_steps=1", f"run.root={tmp_path / 'outputs'}", f"run.name=run-{rank}"]
+        for rank in range(2)
+    ])
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 2, output[-3000:]
