@@ -9,6 +9,7 @@ Three launcher habits would otherwise break Hydra, so they are fixed here before
 import hashlib
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import List
@@ -90,7 +91,32 @@ def _hydra_main(dict_config) -> None:
             print(f"dstrain: training diverged: {error}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT_CODE)
     if not finished:
+        requeue_submitit_job()
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def requeue_submitit_job() -> None:
+    """A sweep point that Hydra's submitit launcher runs as a SLURM job stopped and saved: rank 0 requeues the
+    job, as dstrain's own job script does on exit code 75 (submitit's script does not). The requeued job keeps
+    its id and runs the same sweep point, which resumes from the checkpoint just saved."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or _rank() != 0 or not job_id:
+        return
+    try:
+        # A cancelled job (plain scancel sends SIGTERM) is no longer RUNNING, and a requeue would revive it.
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        if state.strip() != "RUNNING":
+            print(f"dstrain: job {job_id} is {state.strip() or 'gone'}, not requeued", file=sys.stderr, flush=True)
+            return
+        done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        error = done.stderr.strip() if done.returncode else None
+    except OSError as failure:
+        error = str(failure)
+    if error is None:
+        print(f"dstrain: requeueing job {job_id}, which resumes from the checkpoint just saved", flush=True)
+    else:
+        print(f"dstrain: scontrol requeue {job_id} failed ({error}); run the sweep point again to resume",
+              file=sys.stderr, flush=True)
 
 
 def with_sweep_group(argv: List[str]) -> List[str]:

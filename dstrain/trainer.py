@@ -340,7 +340,10 @@ def init_distributed(timeout: timedelta):
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one machine share its cores; without this each would start a thread per core.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        # LOCAL_WORLD_SIZE: torchrun, srun (dstrain.slurm); LOCAL_SIZE: DeepSpeed's launcher.
+        local_world = int(
+            os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE", "1")
+        )
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))

@@ -3,11 +3,17 @@
 import csv
 import json
 
+from dstrain.config import LoggerConfig
 from dstrain.metrics import MetricsLogger
 
 
+def _logger(directory, file, is_rank0=True, start_step=0):
+    return MetricsLogger(directory, LoggerConfig(file=file), is_rank0=is_rank0, max_steps=10, start_step=start_step,
+                         config={}, tracker_run_id=None)
+
+
 def test_jsonl_rows_hold_step_and_metrics(tmp_path):
-    logger = MetricsLogger(tmp_path, "jsonl", is_rank0=True, max_steps=10, start_step=0)
+    logger = _logger(tmp_path, "jsonl")
     logger.log(1, {"loss": 5.5, "lr": 1e-4})
     logger.log(2, {"eval_loss": 4.0, "eval_perplexity": 54.6})
     logger.close()
@@ -17,7 +23,7 @@ def test_jsonl_rows_hold_step_and_metrics(tmp_path):
 
 def test_csv_is_long_form_and_appends_across_restarts(tmp_path):
     for step in (1, 2):
-        logger = MetricsLogger(tmp_path, "csv", is_rank0=True, max_steps=10, start_step=step - 1)
+        logger = _logger(tmp_path, "csv", start_step=step - 1)
         logger.log(step, {"loss": float(step)})
         logger.close()
     with open(tmp_path / "metrics.csv") as handle:
@@ -26,7 +32,7 @@ def test_csv_is_long_form_and_appends_across_restarts(tmp_path):
 
 
 def test_other_ranks_write_nothing(tmp_path, capsys):
-    logger = MetricsLogger(tmp_path, "jsonl", is_rank0=False, max_steps=10, start_step=0)
+    logger = _logger(tmp_path, "jsonl", is_rank0=False)
     logger.log(1, {"loss": 5.5})
     logger.close()
     assert list(tmp_path.iterdir()) == []
