@@ -22,11 +22,13 @@ import os
 import shutil
 import warnings
 from contextlib import redirect_stdout
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dstrain.checkpoint import MANIFEST, problem_with, read_manifest
 from dstrain.config import ConfigError, TrainConfig
@@ -121,19 +123,20 @@ def train_config_from_manifest(manifest: dict) -> TrainConfig:
     flat = manifest.get("config")
     if not flat:
         raise ConfigError("the checkpoint's manifest has no training config, which the export rebuilds the model from")
-    sections = {section.name: section.default_factory for section in fields(TrainConfig)}
-    known = {f"{name}.{field.name}" for name, schema in sections.items() for field in fields(schema)}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise ConfigError(
-            f"the checkpoint's config has {unknown[0]}, which this version of dstrain does not know. "
-            f"Export with the dstrain version that trained it."
-        )
-    values: Dict[str, dict] = {name: {} for name in sections}
+    nested: Dict[str, Any] = {}
     for key, value in flat.items():
-        section, _, name = key.partition(".")
-        values[section][name] = value
-    return TrainConfig(**{name: schema(**values[name]) for name, schema in sections.items()})
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), nested))
+    except (ConfigKeyError, ValidationError) as error:
+        raise ConfigError(
+            f"the checkpoint's config has {error.full_key}, which this version of dstrain does not know. "
+            f"Export with the dstrain version that trained it."
+        ) from error
 
 
 def check_output_dir(output: Path) -> None:

@@ -52,7 +52,7 @@ def _logged_final_eval_loss(run) -> float:
 
 def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: int = 2) -> float:
     """The trainer's evaluate(): each rank's mean loss over its eval batches, then the mean over ranks."""
-    from dstrain.config import TrainConfig
+    from dstrain.config import ConfigError, TrainConfig
     from dstrain.data import eval_batches, packed_blocks
 
     cfg = TrainConfig()
@@ -72,7 +72,7 @@ def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: i
 
 
 def _first_training_batch(tokenizer, pretrained):
-    from dstrain.config import TrainConfig
+    from dstrain.config import ConfigError, TrainConfig
     from dstrain.data import BatchPlan, packed_blocks
 
     cfg = TrainConfig()
@@ -179,3 +179,19 @@ def test_export_of_something_that_is_not_a_checkpoint_is_refused(tmp_path):
     usage = _export(not_a_checkpoint, module=True)
     assert usage.returncode == 2
     assert "the following arguments are required: OUTPUT_DIR" in usage.stderr
+
+
+def test_the_config_comes_back_from_a_manifest_and_an_unknown_key_is_named():
+    from dataclasses import asdict
+
+    from dstrain.config import ConfigError, TrainConfig
+    from dstrain.export import train_config_from_manifest
+    from dstrain.trainer import flatten
+
+    cfg = TrainConfig()
+    cfg.logger.wandb.tags = ["a"]
+    cfg.model.hidden_size = 128
+    cfg.run.name = "resolved-at-training"
+    assert train_config_from_manifest({"config": flatten(asdict(cfg))}) == cfg
+    with pytest.raises(ConfigError, match=r"has model\.bogus, which this version of dstrain does not know"):
+        train_config_from_manifest({"config": {**flatten(asdict(cfg)), "model.bogus": 1}})
