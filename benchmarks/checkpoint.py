@@ -12,7 +12,8 @@ the disk test go; default a fresh directory under run.root, the filesystem train
 trainer.max_steps=60, no periodic eval or save), plus trainer.micro_batch_size=1 by default so that a 125m
 step on a CPU takes seconds; an explicit override wins.
 
-Each cell (model x ZeRO option) builds its engine with dstrain's own builders, as train() does, and then:
+Each cell (model x ZeRO option) is set up by dstrain.trainer.setup, as train() does, steps with its
+train_step, and then:
 1. one warm-up step, then --steps timed steps: "step s" is their median;
 2. --repeats times: one step, then `CheckpointManager.save` (the class train() uses, with the config's
    keep_last/keep_every), timed from a barrier before to a barrier after, so it is the time of the slowest
@@ -39,12 +40,10 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
-import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
@@ -52,22 +51,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dstrain.checkpoint import CheckpointManager, TrainState  # noqa: E402
-from dstrain.cli import CONF_DIR  # noqa: E402
-from dstrain.config import ConfigError, validate, validate_accelerator  # noqa: E402
-from dstrain.data import BatchPlan, build_tokenizer, packed_blocks  # noqa: E402
-from dstrain.deepspeed_config import build_deepspeed_config  # noqa: E402
-from dstrain.model import build_model, model_fingerprint, parameter_counts, weight_decay_groups  # noqa: E402
-from dstrain.trainer import (  # noqa: E402
-    _register_zero3_with_transformers,
-    flatten,
-    init_distributed,
-    mean_over_ranks,
-    rank_zero_first,
-    seed_everything,
-    setup_logging,
-    warmup_cosine_schedule,
-)
+from dstrain.checks import validate, validate_accelerator  # noqa: E402
+from dstrain.compose import CONF_DIR  # noqa: E402
+from dstrain.distributed import init_distributed  # noqa: E402
+from dstrain.errors import ConfigError  # noqa: E402
+from dstrain.model import parameter_counts  # noqa: E402
+from dstrain.trainer import setup, setup_logging, train_step  # noqa: E402
 from throughput import _remove_shm_workspace, compose_config, release_memory  # noqa: E402  (this script's folder)
 
 DEFAULT_OVERRIDES = ["trainer.micro_batch_size=1"]
@@ -118,45 +107,18 @@ def directory_bytes(path: Path) -> int:
 
 def run_cell(cfg, cell_dir: Path, args, rank: int, world_size: int) -> dict:
     """One model x ZeRO option: build, train, save and load as described in the module docstring."""
-    trainer = cfg.trainer
-    seed_everything(trainer.seed)
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
-    ds_config = build_deepspeed_config(cfg, world_size)
-    tokenizer = build_tokenizer(cfg)
-    with rank_zero_first(rank):
-        blocks = packed_blocks(cfg, tokenizer, "train")
-    hf_deepspeed_config = _register_zero3_with_transformers(ds_config)
-    model = build_model(cfg, tokenizer)
-    seed_everything(trainer.seed)
-    parameters, _ = parameter_counts(model)
-    checkpoints = CheckpointManager(
-        cell_dir / "checkpoints", rank, world_size, model_fingerprint(model), flatten(asdict(cfg)),
-        trainer.keep_last, trainer.keep_every,
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda optimizer: warmup_cosine_schedule(optimizer, cfg),
-    )
-    del hf_deepspeed_config, model
-    plan = BatchPlan(
-        blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank
-    )
+    training = setup(cfg, cell_dir, rank, world_size)
+    engine, checkpoints, plan = training.engine, training.checkpoints, training.plan
+    parameters, _ = parameter_counts(engine.module)
     engine.train()
-    state = TrainState()
+    state = training.state
 
     def step():
         nonlocal state
-        losses = []
-        for micro in range(trainer.gradient_accumulation_steps):
-            input_ids = plan.micro_batch(state.samples_consumed, micro).to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-        state = TrainState(step=state.step + 1, samples_consumed=state.samples_consumed + plan.global_batch)
-        return mean_over_ranks(torch.stack(losses).mean())
+        batches = [plan.micro_batch(state.samples_consumed, micro) for micro in range(plan.accumulation_steps)]
+        result = train_step(training, batches, stop_requested=False)
+        state = replace(state, step=state.step + 1, samples_consumed=state.samples_consumed + plan.global_batch)
+        return result.loss
 
     step()
     step_times = [timed(step) for _ in range(args.steps)]
@@ -171,14 +133,14 @@ def run_cell(cfg, cell_dir: Path, args, rank: int, world_size: int) -> dict:
 
     def load():
         nonlocal state
-        state = checkpoints.load(engine, newest)
+        state = replace(checkpoints.load(engine, newest), tracker_run_id=saved_state.tracker_run_id)
 
     load_times = [timed(load) for _ in range(args.repeats)]
     loaded_state = state
     loss_after_load = step()
 
+    training.metrics.close()
     engine.destroy()
-    del engine
     return {
         "parameters": parameters,
         "step": statistics.median(step_times),

@@ -11,9 +11,9 @@ changes only this: trainer.max_steps defaults to 60 (an explicit override wins),
 trainer.save_every=0, trainer.resume=never are forced, so neither side evaluates or saves periodically.
 
 Both sides get the same model, data and DeepSpeed config, built by dstrain's own functions: the config dict
-from `build_deepspeed_config`, the model from `build_model` (seeded with trainer.seed, so both start from the
-same weights), the optimizer groups from `weight_decay_groups`, the schedule from `warmup_cosine_schedule`,
-and the batches from `packed_blocks` + `BatchPlan`, so step s of both sides reads the same blocks. The table's
+from `build_deepspeed_config`, the engine (model seeded with trainer.seed, optimizer groups, LR schedule) from
+`dstrain.trainer.build_engine`, and the batches from `packed_blocks` + `BatchPlan`, so step s of both sides
+reads the same blocks. The table's
 "final loss" column (mean loss of the last step over ranks) is the check that they did the same work; a
 mismatch prints a warning.
 
@@ -23,9 +23,9 @@ mismatch prints a warning.
   no data indexing, no loss all-reduce, no grad norm, no metrics.
 
 How time is measured. The clock is read once at the end of every optimizer step on both sides: for dstrain
-when train() calls `MetricsLogger.advance(step)` (the benchmark swaps in a subclass that records the time;
-train() calls it right after the step's loss has been all-reduced and turned into a Python float, so the
-device is synchronised), for raw right after `accelerator.synchronize()`. The time of step k is the gap
+in the `on_step_end` callback that train() takes (called right after the step's loss has been all-reduced
+and turned into a Python float, so the device is synchronised), for raw right after
+`accelerator.synchronize()`. The time of step k is the gap
 between the stamps of steps k-1 and k, so it holds everything the loop does per step, including dstrain's
 logging of the step before; train()'s own tokens_per_s does not (its timer stops before logging and
 restarts after eval and save), which is why it is not used. The first --warmup steps (default 5) of every
@@ -65,27 +65,19 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import dstrain.trainer as dstrain_trainer  # noqa: E402
-from dstrain.cli import CONF_DIR, normalize_argv  # noqa: E402
-from dstrain.config import ConfigError, TrainConfig, register_schema, validate, validate_accelerator  # noqa: E402
+from dstrain.checks import validate, validate_accelerator  # noqa: E402
+from dstrain.compose import compose  # noqa: E402
+from dstrain.config import TrainConfig  # noqa: E402
 from dstrain.data import BatchPlan, build_tokenizer, packed_blocks  # noqa: E402
 from dstrain.deepspeed_config import build_deepspeed_config  # noqa: E402
-from dstrain.model import build_model, weight_decay_groups  # noqa: E402
-from dstrain.trainer import (  # noqa: E402
-    _register_zero3_with_transformers,
-    init_distributed,
-    rank_zero_first,
-    seed_everything,
-    setup_logging,
-    warmup_cosine_schedule,
-)
+from dstrain.distributed import init_distributed, local_device, rank_zero_first, seed_everything  # noqa: E402
+from dstrain.errors import ConfigError  # noqa: E402
+from dstrain.trainer import build_engine, setup_logging, train  # noqa: E402
 
 DEFAULT_OVERRIDES = ["trainer.max_steps=60"]
 
@@ -103,13 +95,8 @@ def parse_args(argv):
 
 
 def compose_config(overrides) -> TrainConfig:
-    register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        dict_config = compose("train", overrides=normalize_argv([*DEFAULT_OVERRIDES, *overrides]))
-    # run.* only names Hydra's output directory, which this benchmark does not use (and which needs a
-    # resolver that only exists under hydra.main).
-    dict_config.run.name = "throughput"
-    cfg: TrainConfig = OmegaConf.to_object(dict_config)
+    # run.name only names Hydra's output directory, which this benchmark does not use.
+    cfg = compose([*DEFAULT_OVERRIDES, *overrides], run_name="throughput")
     cfg.trainer.eval_every = 0
     cfg.trainer.save_every = 0
     cfg.trainer.resume = "never"
@@ -120,26 +107,10 @@ def synchronize() -> None:
     get_accelerator().synchronize()
 
 
-class _StampingMetricsLogger(dstrain_trainer.MetricsLogger):
-    """dstrain's MetricsLogger, plus a clock reading every time train() finishes a step."""
-
-    stamps = []
-
-    def advance(self, step, loss, tokens_per_s):
-        type(self).stamps.append(time.perf_counter())
-        super().advance(step, loss, tokens_per_s)
-
-
 def run_dstrain(cfg: TrainConfig, run_dir: Path):
     """train() itself; returns the end-of-step time stamps and the last logged loss."""
-    _StampingMetricsLogger.stamps = []
-    original = dstrain_trainer.MetricsLogger
-    dstrain_trainer.MetricsLogger = _StampingMetricsLogger
-    try:
-        dstrain_trainer.train(cfg, run_dir)
-    finally:
-        dstrain_trainer.MetricsLogger = original
-    stamps = _StampingMetricsLogger.stamps
+    stamps = []
+    train(cfg, run_dir, on_step_end=lambda step: stamps.append(time.perf_counter()))
     last_loss = None
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.is_file():
@@ -153,28 +124,20 @@ def run_raw(cfg: TrainConfig, rank: int, world_size: int):
     """The minimal DeepSpeed loop; returns the end-of-step time stamps and the final step's loss."""
     trainer = cfg.trainer
     seed_everything(trainer.seed)
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    device = local_device()
     ds_config = build_deepspeed_config(cfg, world_size)
     tokenizer = build_tokenizer(cfg)
     with rank_zero_first(rank):
         blocks = packed_blocks(cfg, tokenizer, "train")
-    hf_deepspeed_config = _register_zero3_with_transformers(ds_config)
-    model = build_model(cfg, tokenizer)
-    seed_everything(trainer.seed)  # as train() does after building
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda optimizer: warmup_cosine_schedule(optimizer, cfg),
-    )
-    del hf_deepspeed_config, model
+    with tempfile.TemporaryDirectory() as unused_run_dir:  # a fresh start: no checkpoint to find there
+        engine, _, _ = build_engine(cfg, tokenizer, ds_config, Path(unused_run_dir), rank, world_size)
     plan = BatchPlan(
         blocks, trainer.seed, trainer.micro_batch_size, trainer.gradient_accumulation_steps, world_size, rank
     )
     # Step s starts after (s - 1) * global_batch samples, as in train() from a fresh start.
     accumulation = range(trainer.gradient_accumulation_steps)
     batches = [
-        [plan.micro_batch(step * plan.global_batch, micro).to(device) for micro in accumulation]
+        [plan.micro_batch(step * plan.global_batch, micro)["input_ids"].to(device) for micro in accumulation]
         for step in range(trainer.max_steps)
     ]
 

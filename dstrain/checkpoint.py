@@ -26,8 +26,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
-from dstrain.config import ConfigError
+from dstrain.distributed import all_ranks_agree
+from dstrain.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("dstrain")
 
@@ -49,13 +51,20 @@ class TrainState:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        # Dropout on a GPU draws from the device's generator, not the CPU's.
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "accelerator" in state and get_accelerator().device_name() != "cpu":
+        get_accelerator().set_rng_state(state["accelerator"])
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -74,12 +83,6 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _all_ranks_agree(ok: bool) -> bool:
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def read_manifest(path: Path) -> dict:
@@ -217,17 +220,17 @@ class CheckpointManager:
         for path in candidates:
             self.check_same_model(path)
             problem = problem_with(path)
-            if _all_ranks_agree(problem is None):
+            if all_ranks_agree(problem is None):
                 return path
             if resume not in ("auto", "must"):
-                raise ConfigError(
+                raise CheckpointError(
                     f"trainer.resume={resume}: the checkpoint is damaged: {problem or 'another rank found a bad file'}."
                     f" Point trainer.resume at another step_* directory, or use trainer.resume=auto."
                 )
             if problem is not None:
                 log.warning("skipping checkpoint %s: %s", path, problem)
         if resume == "must":
-            raise ConfigError(
+            raise CheckpointError(
                 f"trainer.resume=must, but no checkpoint in {self.directory} can be loaded (the warnings above say "
                 f"why): use trainer.resume=auto to start there from step 0."
             )
@@ -264,7 +267,7 @@ class CheckpointManager:
             str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if client_state is None:
-            raise ConfigError(f"DeepSpeed could not load the checkpoint at {path}")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint at {path}")
         rng_file = path / f"rng_state_rank{self.rank}.pt"
         if manifest["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -295,7 +298,7 @@ class CheckpointManager:
             details.append(f"{len(missing)} checkpoint parameters are not in this model (first: {missing[0]})")
         if extra:
             details.append(f"{len(extra)} model parameters are not in the checkpoint (first: {extra[0]})")
-        raise ConfigError(
+        raise CheckpointError(
             f"the checkpoint {path} is from another model: {'; '.join(details)}. "
             f"Resume with the model config it was trained with, or start a new run with run.name=<new name>."
         )

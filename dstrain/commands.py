@@ -1,18 +1,20 @@
 """The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
 
-    dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged]
+    dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged] [--format hf]
     dstrain submit [--dry-run] [OVERRIDE ...]
+    dstrain report RUN_DIR
 
 Each subcommand is an `add_<name>_command(subparsers)` that registers its arguments and its handler; the
-handler imports what it needs, so `dstrain --help` stays fast. A ConfigError from a handler is printed as
-one line, `dstrain: error: ...`, with exit code 2, as argparse does for a bad argument.
+handler imports what it needs, so `dstrain --help` stays fast. A DstrainError from a handler is printed as
+one line, `dstrain: <kind>: ...`, with its exit code (dstrain.errors.ExitCode; 2 for config errors, as
+argparse uses for a bad argument).
 """
 
 import argparse
 import sys
 from typing import List, Optional
 
-from dstrain.config import ConfigError
+from dstrain.errors import DstrainError
 
 PROG = "dstrain"
 
@@ -31,7 +33,11 @@ def add_export_command(subparsers) -> None:
     parser.add_argument("output", metavar="OUTPUT_DIR", help="a new (or empty) directory to write")
     parser.add_argument(
         "--merged", action="store_true",
-        help="LoRA only: also write the full model with the adapter merged in, to OUTPUT_DIR/merged",
+        help="adapters only: also write the full model with the adapter merged in, to OUTPUT_DIR/merged",
+    )
+    parser.add_argument(
+        "--format", default="hf", dest="output_format", metavar="FORMAT",
+        help="hf (default): Hugging Face safetensors weights, config and tokenizer",
     )
     parser.set_defaults(handler=run_export)
 
@@ -39,8 +45,8 @@ def add_export_command(subparsers) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from dstrain.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.output, merged=args.merged)
-    kind = "LoRA adapter" if result.lora else "model"
+    result = export_checkpoint(args.checkpoint, args.output, merged=args.merged, output_format=args.output_format)
+    kind = "adapter" if result.adapter else "model"
     print(f"exported the {kind} of step {result.step} (ZeRO-{result.zero_stage}, trained in {result.dtype}) as fp32:")
     for directory in result.directories:
         print(f"  {directory}")
@@ -106,6 +112,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.handler(args)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except DstrainError as error:
+        print(f"{PROG}: {error.kind}: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -1,89 +1,141 @@
-"""Typed config schema and the checks that run before any process group starts.
+"""Typed config schema: every key, its default and what it means.
 
 The primary config (`conf/train.yaml`) has the defaults `[schema, _self_]`. `schema` is `TrainConfig` below,
 so a bare run uses these defaults, `+model=7b` merges `conf/model/7b.yaml` over the `model` node, and any key
 that is not declared here is rejected by OmegaConf before training starts.
+
+A field whose value is one of a few names says so next to it: `one_of(default, names...)` for fixed names, or
+`one_of(default, registry="module:NAME")` for the choice axes whose components live in a registry
+(dstrain.registry): PEFT methods, data sources, evaluators. dstrain.checks.validate checks every such field.
 """
 
-from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
 
-class ConfigError(ValueError):
-    """A config that cannot work. The message names the key and the fix."""
+
+def one_of(default, *names, registry: Optional[str] = None):
+    """A field that must be one of `names`, or one of the names registered in `registry` ("module:ATTRIBUTE",
+    imported only when validating, so that composing a config stays light)."""
+    return field(default=default, metadata={"choices": names, "registry": registry})
 
 
 @dataclass
 class ModelConfig:
+    # The preset's name (conf/model/<name>.yaml), shown in logs; "pretrained" requires model.pretrained.
     name: str = "tiny"
     # A local Hugging Face directory (or a hub name where there is network). When set, the architecture,
     # the weights and the tokenizer all come from it and the shape fields below are ignored.
     pretrained: Optional[str] = None
+    # Tokens in the embedding and output layers; at least the tokenizer's length.
     vocab_size: int = 258
+    # Width of the residual stream.
     hidden_size: int = 64
+    # Width of each block's SwiGLU feed-forward layer.
     intermediate_size: int = 176
+    # Transformer blocks.
     num_hidden_layers: int = 2
+    # Query heads per block; hidden_size must divide by it.
     num_attention_heads: int = 4
+    # Key/value heads (grouped-query attention when below num_attention_heads).
     num_key_value_heads: int = 2
+    # Longest sequence the rotary embedding is set up for; data.seq_len may not exceed it.
     max_position_embeddings: int = 512
+    # Base of the rotary position embedding's frequencies.
     rope_theta: float = 10000.0
+    # Epsilon of the RMS norms.
     rms_norm_eps: float = 1e-5
+    # Share the input embedding and the output layer's weights.
     tie_word_embeddings: bool = False
+    # Attention kernel: "sdpa" (PyTorch's fused attention), "eager", or "flash_attention_2" where installed.
     attn_implementation: str = "sdpa"
 
 
 @dataclass
 class ZeroConfig:
-    stage: int = 0
+    # ZeRO stage: 0 replicates everything, 1 partitions optimizer states, 2 also gradients, 3 also parameters.
+    stage: int = one_of(0, 0, 1, 2, 3)
+    # Keep optimizer states (and run the optimizer step) on the CPU; stages 1-3.
     offload_optimizer: bool = False
+    # Keep partitioned parameters on the CPU; stage 3 only.
     offload_param: bool = False
+    # Overlap gradient reduction with the backward pass (uses more memory for buckets).
     overlap_comm: bool = False
+    # Copy gradients into one contiguous buffer as they are produced (less fragmentation).
     contiguous_gradients: bool = True
+    # Elements reduced per gradient all-reduce / reduce-scatter bucket.
     reduce_bucket_size: int = 50_000_000
+    # Elements gathered per parameter all-gather bucket (stages 1-2).
     allgather_bucket_size: int = 50_000_000
+    # Stage 3: elements of parameters fetched ahead of their use.
     stage3_prefetch_bucket_size: int = 50_000_000
+    # Stage 3: parameters below this many elements stay whole on every rank (not partitioned).
     stage3_param_persistence_threshold: int = 100_000
 
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "fp32"
+    # The dtype of the forward and backward pass; the optimizer keeps fp32 master weights under bf16/fp16.
+    dtype: str = one_of("fp32", "fp32", "bf16", "fp16")
     # fp16 only: dynamic loss scaling when loss_scale is 0, else a static scale.
     loss_scale: float = 0.0
+    # fp16 only: the dynamic scale starts at 2**initial_scale_power.
     initial_scale_power: int = 16
+    # fp16 only: steps without overflow before the scale doubles.
     loss_scale_window: int = 1000
+    # fp16 only: overflows tolerated before the scale halves.
     hysteresis: int = 2
+    # fp16 only: the scale never falls below this.
     min_loss_scale: float = 1.0
-    # bf16 only: the dtype that gradients accumulate in across micro-batches ("fp32" or "bf16").
-    grad_accum_dtype: Optional[str] = None
+    # bf16 only: the dtype that gradients accumulate in across micro-batches (None: DeepSpeed's default).
+    grad_accum_dtype: Optional[str] = one_of(None, None, "fp32", "bf16")
 
 
 @dataclass
-class PeftConfig:
-    method: str = "none"
+class LoraConfig:
+    # Rank of the low-rank update.
     r: int = 8
+    # Scale of the update: it is multiplied by alpha / r.
     alpha: int = 16
+    # Dropout on the adapter's input during training.
     dropout: float = 0.0
+    # Module names (suffixes) that get an adapter; the default is every linear projection of a Llama block.
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
 
 @dataclass
+class PeftConfig:
+    # "none" trains every weight; another method trains only its adapter (dstrain.adapters).
+    method: str = one_of("none", registry="dstrain.adapters:PEFT_METHODS")
+    # Settings of peft.method=lora.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class OptimConfig:
-    name: str = "adamw"
+    # The optimizer; AdamW is the only one.
+    name: str = one_of("adamw", "adamw")
+    # Peak learning rate, reached after scheduler.warmup_steps.
     lr: float = 1e-3
+    # Decoupled weight decay on matrices; norms, biases and other vectors are never decayed.
     weight_decay: float = 0.1
+    # Adam's decay rate of the gradient's running mean.
     beta1: float = 0.9
+    # Adam's decay rate of the squared gradient's running mean.
     beta2: float = 0.95
+    # Adam's denominator term.
     eps: float = 1e-8
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"
+    # The LR schedule: linear warmup, then cosine decay.
+    name: str = one_of("cosine", "cosine")
+    # Steps of linear warmup from optim.lr / warmup_steps to optim.lr.
     warmup_steps: int = 10
     # The LR decays from optim.lr to min_lr_ratio * optim.lr over the steps after warmup.
     min_lr_ratio: float = 0.1
@@ -91,29 +143,47 @@ class SchedulerConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "builtin"
+    # Where documents come from (dstrain.data.DATA_SOURCES): "builtin" generated text, or "files".
+    name: str = one_of("builtin", registry="dstrain.data:DATA_SOURCES")
     # Local files for name=files: plain text (one document per line) or JSONL (one object per line).
     train_files: List[str] = field(default_factory=list)
+    # Validation files for name=files (needed when trainer.eval_every is set).
     val_files: List[str] = field(default_factory=list)
-    format: str = "text"
+    # How files are read: "text" (a document per line) or "jsonl" (an object per line).
+    format: str = one_of("text", "text", "jsonl")
+    # The JSONL field that holds a document's text.
     text_field: str = "text"
+    # Tokens per training sequence.
     seq_len: int = 128
     # A tokenizer directory or hub name. Unset: the pretrained model's tokenizer, else byte-level.
     tokenizer: Optional[str] = None
+    # Generated documents for training when name=builtin.
     builtin_train_documents: int = 4000
+    # Generated documents for validation when name=builtin (from a different seed).
     builtin_val_documents: int = 200
 
 
 @dataclass
 class TrainerConfig:
+    # Seeds the initial weights, the data order and every rank's random numbers.
     seed: int = 1234
+    # Sequences per rank per forward/backward pass.
     micro_batch_size: int = 8
+    # Micro-batches per optimizer step; global batch = micro_batch_size x this x ranks.
     gradient_accumulation_steps: int = 1
+    # Clip the global gradient norm to this (0: no clipping).
     gradient_clipping: float = 1.0
+    # Optimizer steps to train for.
     max_steps: int = 200
+    # Recompute each block's activations in the backward pass instead of keeping them (less memory).
     gradient_checkpointing: bool = False
+    # Evaluate every this many steps and after the last (0: never).
     eval_every: int = 50
+    # Validation micro-batches per rank per evaluation.
     eval_batches: int = 8
+    # What an evaluation reports (dstrain.evaluation.EVALUATORS).
+    eval_metrics: List[str] = field(default_factory=lambda: ["perplexity"])
+    # Save a checkpoint every this many steps (0: only after the last step or a stop signal).
     save_every: int = 100
     # Checkpoints kept: the newest keep_last (0 keeps all), plus every keep_every-th step (0: none) forever.
     keep_last: int = 3
@@ -127,7 +197,7 @@ class TrainerConfig:
     # A step whose loss or gradient norm is NaN/inf: "stop" ends the run without saving it (the newest
     # checkpoint stays the last good one); "skip" lets DeepSpeed drop the update and trains on, and stops
     # after max_consecutive_skips such steps in a row.
-    nonfinite: str = "stop"
+    nonfinite: str = one_of("stop", "stop", "skip")
     max_consecutive_skips: int = 10
     # "auto": continue from the newest checkpoint in the run directory, if any.
     # "must": the same, but refuse to start from step 0 when there is none that loads.
@@ -138,31 +208,39 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
+    # Log to Weights & Biases (+logger=wandb turns it on).
     enabled: bool = False
+    # The W&B project.
     project: str = "dstrain"
+    # The W&B team or user; None: the API key's default.
     entity: Optional[str] = None
     # Runs of one Hydra multirun share a group by default (the sweep's name); set it to group runs yourself.
     group: Optional[str] = None
+    # Tags shown on the W&B run.
     tags: List[str] = field(default_factory=list)
     # The W&B run's display name; by default the run directory's name.
     name: Optional[str] = None
-    # "online", "offline" or "disabled"; the WANDB_MODE environment variable, where set, wins.
-    mode: str = "online"
+    # The WANDB_MODE environment variable, where set, wins.
+    mode: str = one_of("online", "online", "offline", "disabled")
     # How long to try to reach the W&B server before falling back to offline logging.
     init_timeout_s: float = 90.0
 
 
 @dataclass
 class TensorBoardConfig:
+    # Write TensorBoard event files to <run dir>/tensorboard (+logger=tensorboard turns it on).
     enabled: bool = False
 
 
 @dataclass
 class LoggerConfig:
-    # The metrics file in the run directory, always written: "jsonl" or "csv".
-    file: str = "jsonl"
+    # The metrics file in the run directory, always written.
+    file: str = one_of("jsonl", "jsonl", "csv")
+    # Print and log the full set of step metrics every this many steps (loss and LR go to the file every step).
     log_every: int = 10
+    # Weights & Biases.
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # TensorBoard.
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
 
 
@@ -177,12 +255,17 @@ class RunConfig:
 @dataclass
 class LauncherConfig:
     # Read by `dstrain submit` (dstrain/slurm.py, which checks it); training itself ignores it.
+    # Nodes to allocate.
     nodes: int = 1
     # Ranks per node, one GPU each. With device=cpu: CPU processes per node, and no GPU is requested.
     gpus_per_node: int = 1
+    # A GPU type in the cluster's GRES (a100, h100, ...); None: any.
     gpu_type: Optional[str] = None
-    device: str = "gpu"
+    # "gpu" requests GPUs; "cpu" runs CPU ranks (DS_ACCELERATOR=cpu).
+    device: str = one_of("gpu", "gpu", "cpu")
+    # CPUs per rank (also OMP_NUM_THREADS); None: the cluster's default.
     cpus_per_task: Optional[int] = None
+    # Memory per node in sbatch's --mem form ("200G"); None: the cluster's default.
     mem: Optional[str] = None
     # None: the cluster's default partition, account and QoS.
     partition: Optional[str] = None
@@ -190,13 +273,15 @@ class LauncherConfig:
     qos: Optional[str] = None
     # SLURM's --time ("HH:MM:SS", "D-HH:MM:SS", minutes); None: the partition's default.
     time: Optional[str] = None
+    # The job's name in the queue; None: run.name, else "dstrain".
     job_name: Optional[str] = None
     # More sbatch options, one per item ("--exclusive", "--constraint=a100"); one #SBATCH line each.
     extra_sbatch: List[str] = field(default_factory=list)
     # Sent to every rank signal_lead_s before the time limit: dstrain saves at the next step boundary and
     # exits with 75, and with requeue the job goes back into the queue and resumes from that checkpoint.
-    signal: str = "USR1"
+    signal: str = one_of("USR1", "USR1", "TERM")
     signal_lead_s: int = 300
+    # Requeue the job when it stopped after the signal (exit 75).
     requeue: bool = True
 
 
@@ -219,115 +304,24 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=TrainConfig)
 
 
-_CHOICES = {
-    "precision.dtype": ("fp32", "bf16", "fp16"),
-    "peft.method": ("none", "lora"),
-    "optim.name": ("adamw",),
-    "scheduler.name": ("cosine",),
-    "data.name": ("builtin", "files"),
-    "data.format": ("text", "jsonl"),
-    "logger.file": ("jsonl", "csv"),
-    "logger.wandb.mode": ("online", "offline", "disabled"),
-    "zero.stage": (0, 1, 2, 3),
-    "trainer.nonfinite": ("stop", "skip"),
-    "precision.grad_accum_dtype": (None, "fp32", "bf16"),
-}
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"model": {"hidden_size": 64}} as {"model.hidden_size": 64}: the form a checkpoint's manifest keeps."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
-def _get(cfg, dotted: str):
-    node = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Reject combinations that cannot work, before any process group or model exists."""
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
-
-    precision = cfg.precision
-    if precision.dtype != "fp16":
-        defaults = PrecisionConfig()
-        changed = [
-            f.name
-            for f in fields(PrecisionConfig)
-            if f.name in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
-            and getattr(precision, f.name) != getattr(defaults, f.name)
-        ]
-        if changed:
-            raise ConfigError(
-                f"precision.{changed[0]} is an fp16 loss-scaling option, but precision.dtype={precision.dtype}. "
-                f"Remove it, or train in fp16 with +precision=fp16."
-            )
-    if precision.grad_accum_dtype is not None and precision.dtype != "bf16":
-        raise ConfigError(
-            f"precision.grad_accum_dtype is a bf16-only option, but precision.dtype={precision.dtype}. "
-            f"Remove it, or train in bf16 with +precision=bf16."
-        )
-
-    zero = cfg.zero
-    if zero.offload_param and zero.stage != 3:
-        raise ConfigError(
-            f"zero.offload_param needs ZeRO stage 3, but zero.stage={zero.stage}. Use +zero=3_offload."
-        )
-    if zero.offload_optimizer and zero.stage == 0:
-        raise ConfigError("zero.offload_optimizer needs ZeRO stage 1, 2 or 3. Use +zero=2_offload.")
-
-    trainer = cfg.trainer
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_consecutive_skips"):
-        if getattr(trainer, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be at least 1")
-    for key in ("eval_every", "save_every"):
-        if getattr(trainer, key) < 0:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be 0 (off) or positive")
-    if trainer.stop_grace_s <= 0 or trainer.collective_timeout_s <= 0:
-        raise ConfigError("trainer.stop_grace_s and trainer.collective_timeout_s must be positive (seconds)")
-    if trainer.nonfinite == "skip" and zero.stage == 0 and precision.dtype == "fp32":
-        # Only DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16) check gradients before updating; plain
-        # ZeRO-0 fp32 hands them straight to torch's AdamW, which would write the NaN into the weights.
-        raise ConfigError(
-            "trainer.nonfinite=skip needs an engine that can drop an update, and ZeRO-0 in fp32 cannot. "
-            "Use +zero=1 (the same memory on one rank), +precision=bf16, or trainer.nonfinite=stop."
-        )
-    if cfg.scheduler.warmup_steps >= trainer.max_steps:
-        raise ConfigError(
-            f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be below "
-            f"trainer.max_steps={trainer.max_steps}"
-        )
-
-    # conf/model/pretrained.yaml says `pretrained: ???`, but merging MISSING over the schema's None keeps None,
-    # so without this check `+model=pretrained` alone would quietly train the tiny shape from scratch.
-    if cfg.model.name == "pretrained" and not cfg.model.pretrained:
-        raise ConfigError(
-            "+model=pretrained needs a Hugging Face directory: model.pretrained=/path/to/model_dir"
-        )
-
-    data = cfg.data
-    if data.name == "files" and not data.train_files:
-        raise ConfigError("data.name=files needs data.train_files, e.g. data.train_files=[/abs/path/train.jsonl]")
-    if data.name == "files" and trainer.eval_every and not data.val_files:
-        raise ConfigError(
-            "trainer.eval_every is set but data.val_files is empty. Give data.val_files=[...] "
-            "or turn evaluation off with trainer.eval_every=0."
-        )
-    if cfg.model.pretrained is None and data.seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            f"data.seq_len={data.seq_len} exceeds model.max_position_embeddings="
-            f"{cfg.model.max_position_embeddings}"
-        )
-    if cfg.peft.method == "lora" and cfg.peft.r < 1:
-        raise ConfigError(f"peft.r={cfg.peft.r} must be at least 1")
-
-
-def validate_accelerator(cfg: TrainConfig, accelerator) -> None:
-    """Checks that need to know the hardware, still before any process group starts."""
-    name = accelerator.device_name()
-    if cfg.precision.dtype == "bf16" and not accelerator.is_bf16_supported():
-        raise ConfigError(f"precision.dtype=bf16 is not supported on this {name} device. Use +precision=fp16.")
-    if cfg.precision.dtype == "fp16" and not accelerator.is_fp16_supported():
-        raise ConfigError(
-            f"precision.dtype=fp16 is not supported on the {name} accelerator. Use +precision=bf16 or fp32."
-        )
+def unflatten(flat: Dict[str, Any]) -> Dict[str, Any]:
+    """The inverse of flatten."""
+    nested: Dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested

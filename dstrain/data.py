@@ -1,23 +1,33 @@
-"""Tokenizer, datasets of packed token blocks, and the order in which ranks read them.
+"""Tokenizer, data sources, datasets of packed token blocks, and the batches each rank reads.
 
-Documents are tokenised, joined with EOS, concatenated and cut into blocks of `seq_len` tokens through
-Hugging Face `datasets`, so large corpora are processed once and memory-mapped from its cache.
+Documents come from a data source (DATA_SOURCES, selected by data.name), are tokenised, joined with EOS,
+concatenated and cut into blocks of `seq_len` tokens through Hugging Face `datasets`, so large corpora are
+processed once and memory-mapped from its cache.
+
+A batch is a dict: `input_ids`, and `labels` of the same shape in which IGNORE_INDEX marks positions that do
+not count toward the loss (the model predicts labels[t + 1] from the tokens up to t).
 """
 
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dstrain.config import ConfigError, TrainConfig
+from dstrain.config import TrainConfig
+from dstrain.errors import ConfigError, DataError
+from dstrain.registry import Registry
 
 BOS, EOS = "<s>", "</s>"
+# A label that does not count toward the loss (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
+
+Batch = Dict[str, torch.Tensor]
 
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
@@ -77,13 +87,13 @@ def _documents_from_files(paths: List[str], file_format: str, text_field: str, f
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ConfigError(
+                    raise DataError(
                         f"{path}:{line_number}: not valid JSON ({error.msg}). "
                         f"Each line of a JSONL file must be one JSON object."
                     ) from None
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise ConfigError(
+                    raise DataError(
                         f"{path}:{line_number}: no string field {text_field!r}. "
                         f"Fix the line, or set data.text_field to the field that holds the text."
                     )
@@ -98,31 +108,58 @@ def _file_fingerprint(paths: List[str]) -> str:
     return "|".join(parts)
 
 
-def _raw_documents(cfg: TrainConfig, split: str) -> datasets.Dataset:
-    data = cfg.data
-    if data.name == "builtin":
+class BuiltinSource:
+    """Generated English-like text: no download, and the tiny model learns it within the default run."""
+
+    def check(self, cfg: TrainConfig) -> None:
+        pass
+
+    def documents(self, cfg: TrainConfig, split: str) -> datasets.Dataset:
+        data = cfg.data
         count = data.builtin_train_documents if split == "train" else data.builtin_val_documents
         # Different seeds keep validation documents out of the training stream.
         seed = cfg.trainer.seed if split == "train" else cfg.trainer.seed + 1_000_003
         return datasets.Dataset.from_dict({"text": list(builtin_documents(count, seed))})
-    paths = list(data.train_files if split == "train" else data.val_files)
-    for path in paths:
-        if not Path(path).is_file():
-            raise ConfigError(f"data.{split}_files: {path} does not exist. Give absolute paths to existing files.")
-    try:
-        return datasets.Dataset.from_generator(
-            _documents_from_files,
-            gen_kwargs={
-                "paths": paths,
-                "file_format": data.format,
-                "text_field": data.text_field,
-                "fingerprint": _file_fingerprint(paths),
-            },
-        )
-    except datasets.exceptions.DatasetGenerationError as error:
-        if isinstance(error.__cause__, ConfigError):
-            raise error.__cause__ from None
-        raise
+
+
+class FilesSource:
+    """Local text or JSONL files: data.train_files and data.val_files, read as data.format says."""
+
+    def check(self, cfg: TrainConfig) -> None:
+        data = cfg.data
+        if not data.train_files:
+            raise ConfigError("data.name=files needs data.train_files, e.g. data.train_files=[/abs/path/train.jsonl]")
+        if cfg.trainer.eval_every and not data.val_files:
+            raise ConfigError(
+                "trainer.eval_every is set but data.val_files is empty. Give data.val_files=[...] "
+                "or turn evaluation off with trainer.eval_every=0."
+            )
+
+    def documents(self, cfg: TrainConfig, split: str) -> datasets.Dataset:
+        data = cfg.data
+        paths = list(data.train_files if split == "train" else data.val_files)
+        for path in paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"data.{split}_files: {path} does not exist. Give absolute paths to existing files.")
+        try:
+            return datasets.Dataset.from_generator(
+                _documents_from_files,
+                gen_kwargs={
+                    "paths": paths,
+                    "file_format": data.format,
+                    "text_field": data.text_field,
+                    "fingerprint": _file_fingerprint(paths),
+                },
+            )
+        except datasets.exceptions.DatasetGenerationError as error:
+            if isinstance(error.__cause__, DataError):
+                raise error.__cause__ from None
+            raise
+
+
+DATA_SOURCES: Registry = Registry("data.name")
+DATA_SOURCES.register("builtin")(BuiltinSource())
+DATA_SOURCES.register("files")(FilesSource())
 
 
 def packed_blocks(cfg: TrainConfig, tokenizer, split: str) -> datasets.Dataset:
@@ -139,7 +176,7 @@ def packed_blocks(cfg: TrainConfig, tokenizer, split: str) -> datasets.Dataset:
         usable = len(stream) - len(stream) % seq_len
         return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
-    documents = _raw_documents(cfg, split)
+    documents = DATA_SOURCES[cfg.data.name].documents(cfg, split)
     tokenized = documents.map(tokenize, batched=True, remove_columns=documents.column_names, desc="tokenize")
     blocks = tokenized.map(pack, batched=True, batch_size=1000, remove_columns=["ids"], desc="pack")
     if len(blocks) == 0:
@@ -187,13 +224,13 @@ class BatchPlan:
     def epoch_of_sample(self, sample: int) -> int:
         return sample // len(self.blocks)
 
-    def micro_batch(self, samples_consumed: int, micro_step: int) -> torch.Tensor:
+    def micro_batch(self, samples_consumed: int, micro_step: int) -> Batch:
         """This rank's blocks for one micro-batch of the step that starts after samples_consumed."""
         blocks_per_epoch = len(self.blocks)
         first = samples_consumed + (micro_step * self.world_size + self.rank) * self.micro_batch_size
         positions = range(first, first + self.micro_batch_size)
         indices = [int(self._order_for_epoch(p // blocks_per_epoch)[p % blocks_per_epoch]) for p in positions]
-        return self.blocks[indices]["input_ids"]
+        return causal_lm_batch(self.blocks[indices]["input_ids"])
 
 
 def eval_batches(blocks: datasets.Dataset, micro_batch_size: int, world_size: int, rank: int, limit: int):
@@ -202,4 +239,14 @@ def eval_batches(blocks: datasets.Dataset, micro_batch_size: int, world_size: in
     per_rank = min(limit, len(blocks) // (micro_batch_size * world_size))
     for batch in range(per_rank):
         first = (batch * world_size + rank) * micro_batch_size
-        yield blocks[first : first + micro_batch_size]["input_ids"]
+        yield causal_lm_batch(blocks[first : first + micro_batch_size]["input_ids"])
+
+
+def causal_lm_batch(input_ids: torch.Tensor) -> Batch:
+    """Plain text: every token counts."""
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def counted_tokens(batch: Batch) -> int:
+    """Positions whose next token counts toward the loss: the first token is never predicted."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

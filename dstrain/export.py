@@ -1,18 +1,11 @@
-"""A dstrain checkpoint in, a Hugging Face directory out: what `dstrain export` does, in one CPU process.
+"""A dstrain checkpoint in, a model directory out: what `dstrain export` does, in one CPU process.
 
-The checkpoint's manifest holds the resolved training config, so the model is rebuilt exactly as it was
-trained (a preset shape, or the architecture of model.pretrained, with the same LoRA config), without any
-DeepSpeed engine or process group. The weights are consolidated into one fp32 state dict with DeepSpeed's
-own zero_to_fp32 for ZeRO stages 1-3 (the fp32 master weights, whatever precision trained them). A ZeRO-0
-checkpoint has no ZeRO files: its module weights are read from mp_rank_00_model_states.pt and cast to fp32.
-After fp32 training they are the master weights; after bf16 or fp16 training they are the 16-bit weights the
-engine computed with (the fp32 masters are in that file too, but only as unnamed flat groups of the
-optimizer). The state dict must fit the rebuilt model exactly.
+The trained model comes back through dstrain.loading (rebuilt from the manifest's config, weights consolidated
+to fp32). Each output format (EXPORT_FORMATS, `--format`) is a component that writes it:
 
-Output:
-    full model   OUTPUT/model.safetensors, config.json, generation_config.json, the tokenizer
-    LoRA         OUTPUT/adapter_model.safetensors, adapter_config.json (base: model.pretrained), the tokenizer;
-                 with merged=True also OUTPUT/merged/, the full model with the adapter merged in
+    hf, full model   OUTPUT/model.safetensors, config.json, generation_config.json, the tokenizer
+    hf, adapter      OUTPUT/adapter_model.safetensors, adapter_config.json (base: model.pretrained), the
+                     tokenizer; with merged=True also OUTPUT/merged/, the full model with the adapter merged in
 
 Everything is written into a staging directory next to OUTPUT and renamed into place at the end, so an
 export that fails halfway leaves no directory that looks finished.
@@ -20,21 +13,17 @@ export that fails halfway leaves no directory that looks finished.
 
 import os
 import shutil
-import warnings
-from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
-from dstrain.checkpoint import MANIFEST, problem_with, read_manifest
-from dstrain.config import ConfigError, TrainConfig
-from dstrain.data import build_tokenizer
+from dstrain.adapters import peft_method
+from dstrain.errors import ConfigError
+from dstrain.loading import TrainedModel, checked_manifest, load_trained_model, train_config_from_manifest
+from dstrain.registry import Registry
 
-ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_SUBDIR = "merged"
 
@@ -46,97 +35,56 @@ class Exported:
     step: int
     zero_stage: int
     dtype: str
-    lora: bool
+    adapter: bool
     directories: List[Path]
 
 
-def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False) -> Exported:
+class HuggingFaceFormat:
+    """safetensors weights, config and tokenizer: what from_pretrained (and PeftModel.from_pretrained) load."""
+
+    def write(self, trained: TrainedModel, staging: Path, merged: bool) -> None:
+        cfg, tokenizer = trained.cfg, trained.tokenizer
+        if not peft_method(cfg).has_adapter:
+            save_full_model(trained.model, tokenizer, staging)
+            return
+        save_adapter(trained.model, staging, cfg.model.pretrained)
+        tokenizer.save_pretrained(staging)
+        if merged:
+            save_full_model(trained.model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
+
+
+EXPORT_FORMATS: Registry = Registry("--format")
+EXPORT_FORMATS.register("hf")(HuggingFaceFormat())
+
+
+def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, output_format: str = "hf") -> Exported:
     checkpoint, output = Path(checkpoint).resolve(), Path(output).resolve()
-    manifest = checked_manifest(checkpoint)
-    cfg = train_config_from_manifest(manifest)
-    lora = cfg.peft.method == "lora"
-    if merged and not lora:
+    writer = EXPORT_FORMATS[output_format]
+    cfg = train_config_from_manifest(checked_manifest(checkpoint))
+    adapter = peft_method(cfg).has_adapter
+    if merged and not adapter:
         raise ConfigError(
-            f"--merged merges a LoRA adapter, but {checkpoint} was trained with peft.method={cfg.peft.method}. "
+            f"--merged merges an adapter, but {checkpoint} was trained with peft.method={cfg.peft.method}. "
             f"Leave out --merged: the export is the full model."
         )
-    if lora and not cfg.model.pretrained and not merged:
+    if adapter and not cfg.model.pretrained and not merged:
         raise ConfigError(
-            f"{checkpoint} holds a LoRA adapter on a randomly initialised base (model.pretrained was not set), "
+            f"{checkpoint} holds an adapter on a randomly initialised base (model.pretrained was not set), "
             f"so an adapter alone could not be used. Export with --merged to get the full model as well."
         )
     check_output_dir(output)
-
-    tokenizer = load_tokenizer(cfg)
-    model = rebuild_model(cfg)
-    state_dict = consolidated_state_dict(checkpoint, manifest["zero_stage"])
-    load_strictly(model, state_dict, checkpoint)
-    del state_dict
+    trained = load_trained_model(checkpoint)
 
     staging = staging_dir_for(output)
     try:
-        if lora:
-            save_adapter(model, staging, cfg.model.pretrained)
-            tokenizer.save_pretrained(staging)
-            if merged:
-                save_full_model(model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
-        else:
-            save_full_model(model, tokenizer, staging)
+        writer.write(trained, staging, merged)
         move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     written = [output, output / MERGED_SUBDIR] if merged else [output]
-    return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, lora, written)
-
-
-def checked_manifest(checkpoint: Path) -> dict:
-    """The manifest of a complete, undamaged checkpoint; a ConfigError that says where to look otherwise."""
-    if not (checkpoint / MANIFEST).is_file():
-        hint = ""
-        newest = newest_checkpoint_under(checkpoint)
-        if newest is not None:
-            hint = f" The newest complete checkpoint under it is {newest}."
-        raise ConfigError(
-            f"{checkpoint} is not a complete dstrain checkpoint (no {MANIFEST}). "
-            f"Give a checkpoints/step_* directory that has one.{hint}"
-        )
-    problem = problem_with(checkpoint)
-    if problem is not None:
-        raise ConfigError(f"the checkpoint {checkpoint} is damaged: {problem}. Export another step_* directory.")
-    return read_manifest(checkpoint)
-
-
-def newest_checkpoint_under(directory: Path) -> Optional[Path]:
-    """For a run directory or its checkpoints/ folder: the complete checkpoint with the highest step."""
-    found = []
-    for folder in (directory, directory / "checkpoints"):
-        if folder.is_dir():
-            found += [path for path in folder.glob("step_*") if (path / MANIFEST).is_file()]
-    if not found:
-        return None
-    return max(found, key=lambda path: read_manifest(path)["step"])
-
-
-def train_config_from_manifest(manifest: dict) -> TrainConfig:
-    """Rebuild the typed config from the manifest's flat {"model.hidden_size": 64, ...} form."""
-    flat = manifest.get("config")
-    if not flat:
-        raise ConfigError("the checkpoint's manifest has no training config, which the export rebuilds the model from")
-    nested: Dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), nested))
-    except (ConfigKeyError, ValidationError) as error:
-        raise ConfigError(
-            f"the checkpoint's config has {error.full_key}, which this version of dstrain does not know. "
-            f"Export with the dstrain version that trained it."
-        ) from error
+    manifest = trained.manifest
+    return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, adapter, written)
 
 
 def check_output_dir(output: Path) -> None:
@@ -144,96 +92,6 @@ def check_output_dir(output: Path) -> None:
         raise ConfigError(f"the output directory {output} is a file. Choose a new directory.")
     if output.is_dir() and any(output.iterdir()):
         raise ConfigError(f"the output directory {output} already exists and is not empty. Choose a new one.")
-
-
-def load_tokenizer(cfg: TrainConfig):
-    """The tokenizer that training used: data.tokenizer, else model.pretrained's, else byte-level."""
-    try:
-        return build_tokenizer(cfg)
-    except OSError as error:
-        source = cfg.data.tokenizer or cfg.model.pretrained
-        raise ConfigError(f"cannot load the tokenizer the run was trained with, {source}: {error}") from None
-
-
-def model_config(cfg: TrainConfig):
-    """The architecture: the preset shape from the config, or model.pretrained's config.json."""
-    from transformers import AutoConfig
-
-    from dstrain.model import llama_config
-
-    if not cfg.model.pretrained:
-        config = llama_config(cfg.model)
-        config.use_cache = True  # training turns the KV cache off; generation wants it
-        return config
-    try:
-        return AutoConfig.from_pretrained(cfg.model.pretrained)
-    except OSError as error:
-        raise ConfigError(
-            f"the checkpoint was trained from model.pretrained={cfg.model.pretrained}, whose config.json "
-            f"the export needs, but it cannot be loaded: {error}"
-        ) from None
-
-
-def rebuild_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The trained module's structure on the CPU in fp32 (a PeftModel for LoRA), weights still to load."""
-    from transformers import AutoModelForCausalLM
-
-    from dstrain.model import apply_lora
-
-    model = AutoModelForCausalLM.from_config(
-        model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
-    )
-    if cfg.peft.method == "lora":
-        with warnings.catch_warnings():
-            # PEFT asks transformers a deprecated question while wrapping; the warning is not the user's.
-            warnings.filterwarnings(
-                "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
-            )
-            model = apply_lora(model, cfg)
-    return model.eval()
-
-
-def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> Dict[str, torch.Tensor]:
-    """Every parameter whole and in fp32."""
-    if zero_stage == 0:
-        return zero0_state_dict(checkpoint)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    # zero_to_fp32 reports its progress with print(); keep this command's stdout for its own result.
-    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-
-
-def zero0_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
-    """ZeRO-0 saves the whole module, in the training precision, in one file."""
-    states = torch.load(checkpoint / ZERO0_MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
-    return {
-        name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()
-    }
-
-
-def load_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    reshaped = sorted(
-        name for name in set(expected) & set(state_dict) if expected[name].shape != state_dict[name].shape
-    )
-    details = []
-    if reshaped:
-        name = reshaped[0]
-        details.append(
-            f"{name} is {list(state_dict[name].shape)} in the checkpoint but {list(expected[name].shape)} in the model"
-        )
-    if missing:
-        details.append(f"{len(missing)} model weights are not in the checkpoint (first: {missing[0]})")
-    if unexpected:
-        details.append(f"{len(unexpected)} checkpoint weights are not in the model (first: {unexpected[0]})")
-    if details:
-        raise ConfigError(
-            f"the weights in {checkpoint} do not fit the model rebuilt from its manifest: {'; '.join(details)}."
-        )
-    model.load_state_dict(state_dict, strict=True)
 
 
 def staging_dir_for(output: Path) -> Path:

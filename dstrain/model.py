@@ -1,4 +1,4 @@
-"""The model: a Llama preset or a pretrained directory, with gradient checkpointing and PEFT applied."""
+"""The model: a Llama preset or a pretrained directory, with gradient checkpointing and the PEFT method applied."""
 
 import contextlib
 import hashlib
@@ -8,7 +8,9 @@ from typing import Tuple
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from dstrain.config import ConfigError, ModelConfig, TrainConfig
+from dstrain.adapters import peft_method
+from dstrain.config import ModelConfig, TrainConfig
+from dstrain.errors import ConfigError
 
 _SHAPE_FIELDS = (
     "vocab_size",
@@ -51,10 +53,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
         # Non-reentrant checkpointing lets gradients reach LoRA weights even though the frozen inputs of
         # each block do not require grad; enable it before PEFT wraps the model.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.peft.method == "lora":
-        torch.manual_seed(cfg.trainer.seed)
-        model = apply_lora(model, cfg)
-    return model
+    return peft_method(cfg).apply(model, cfg)
 
 
 def initialize_weights(model: torch.nn.Module, seed: int) -> None:
@@ -82,22 +81,6 @@ def _gathered(parameter: torch.nn.Parameter):
     return deepspeed.zero.GatheredParameters(parameter, modifier_rank=0)
 
 
-def apply_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.peft.r,
-        lora_alpha=cfg.peft.alpha,
-        lora_dropout=cfg.peft.dropout,
-        target_modules=list(cfg.peft.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as error:
-        raise ConfigError(f"peft.target_modules={list(cfg.peft.target_modules)}: {error}") from None
-
-
 def parameter_counts(model: torch.nn.Module) -> Tuple[int, int]:
     """(total, trainable). Under ZeRO-3 each parameter's full size is ds_numel; numel() is the local shard."""
     total = trainable = 0
@@ -114,17 +97,3 @@ def model_fingerprint(model: torch.nn.Module) -> dict:
     return {
         name: list(getattr(parameter, "ds_shape", parameter.shape)) for name, parameter in model.named_parameters()
     }
-
-
-def weight_decay_groups(model: torch.nn.Module, weight_decay: float):
-    """Decay matrices; leave norms, biases and other vectors alone."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        dims = len(getattr(parameter, "ds_shape", parameter.shape))
-        (decay if dims >= 2 else no_decay).append(parameter)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]

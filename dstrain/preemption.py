@@ -3,7 +3,7 @@
 SLURM (`--signal=USR1@<seconds>`) and most schedulers send SIGUSR1 or SIGTERM some time before they kill a
 job. The handler only raises a flag; the training loop shares the flag with every rank at the next step
 boundary, so all ranks stop after the same step, save one checkpoint together, and exit with
-PREEMPTED_EXIT_CODE. A requeued job then resumes from that checkpoint.
+ExitCode.PREEMPTED. A requeued job then resumes from that checkpoint.
 
 If the step boundary and the save do not come within the grace period (a very long step, a slow file
 system), the process exits anyway with the same code and no new checkpoint: the last complete one stays,
@@ -15,10 +15,10 @@ import os
 import signal
 import threading
 
+from dstrain.errors import ExitCode
+
 log = logging.getLogger("dstrain")
 
-# EX_TEMPFAIL from sysexits.h: a temporary failure, and running the same command again is the fix.
-PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -54,7 +54,7 @@ class StopSignal:
         log.error(
             "%s arrived %.0f s ago (trainer.stop_grace_s) and the step boundary and save have not finished; "
             "exiting with code %d without a new checkpoint. The restart resumes from the newest complete one.",
-            self.received, self.grace_s, PREEMPTED_EXIT_CODE,
+            self.received, self.grace_s, ExitCode.PREEMPTED,
         )
         logging.shutdown()
-        os._exit(PREEMPTED_EXIT_CODE)
+        os._exit(ExitCode.PREEMPTED)

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from dstrain.config import ConfigError
+from dstrain.errors import ConfigError
 
 METRICS_FILES = ("metrics.jsonl", "metrics.csv")
 Series = Dict[str, Dict[int, float]]  # metric -> step -> value

@@ -8,10 +8,11 @@ submitted held, so that its run directory, which holds the log and may be named 
 it starts; then it is released.
 
 Inside the job: `srun` starts one task per rank (no ssh, no pdsh), and `init_distributed` takes RANK,
-LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT from `rendezvous_from_slurm`.
+LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT from
+`dstrain.distributed.rendezvous_from_slurm`.
 
 Preemption: `--signal=<launcher.signal>@<launcher.signal_lead_s>` (without `B:`) reaches the ranks only.
-They save at the next step boundary and exit with PREEMPTED_EXIT_CODE, and the batch script, seeing that
+They save at the next step boundary and exit with ExitCode.PREEMPTED, and the batch script, seeing that
 code from srun, runs `scontrol requeue` on its own job. That works on any cluster, unlike slurm.conf's
 RequeueExit. A requeued job keeps its id, so it finds its run directory, and `trainer.resume=auto` loads
 the checkpoint it saved.
@@ -24,22 +25,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from dstrain.config import ConfigError, LauncherConfig, TrainConfig, register_schema, validate
-from dstrain.preemption import PREEMPTED_EXIT_CODE
+from dstrain.checks import validate
+from dstrain.config import LauncherConfig, TrainConfig
+from dstrain.distributed import EXPECTED_NODES, EXPECTED_RANKS_PER_NODE
+from dstrain.errors import ConfigError, ExitCode, SlurmError
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "launch" / "slurm" / "job.sbatch.template"
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 
-# MASTER_PORT = PORT_BASE + job id % PORT_SPAN, in 10000-59999. Two jobs on one node collide only if their ids
-# differ by a multiple of 50000. Above 32767 the range overlaps Linux's ephemeral ports, so an outgoing
-# connection holding the port is possible, if rare.
-PORT_BASE, PORT_SPAN = 10000, 50000
-# The allocation the job was submitted for; every rank compares it with what SLURM actually started.
-EXPECTED_NODES = "DSTRAIN_EXPECTED_NODES"
-EXPECTED_RANKS_PER_NODE = "DSTRAIN_EXPECTED_RANKS_PER_NODE"
 # The run directory of a run without run.name: keyed by the job id, which a requeued job keeps.
 JOB_ID_RUN_NAME = "slurm-${SLURM_JOB_ID}"
 
@@ -72,78 +68,6 @@ MANAGED_OPTIONS = {
 }
 
 
-# ------------------------------------------------------------------------------------ inside the job
-
-
-def rendezvous_from_slurm(environ: Mapping[str, str]) -> Dict[str, str]:
-    """The variables torch.distributed's env:// rendezvous reads, for a task that srun started.
-
-    Empty when a launcher already set RANK (deepspeed, torchrun: they know better), and outside an srun step:
-    the batch script itself has SLURM_PROCID=0 and SLURM_NTASKS too, but no SLURM_STEP_ID.
-    """
-    if "RANK" in environ or "SLURM_STEP_ID" not in environ or "SLURM_PROCID" not in environ:
-        return {}
-    world_size = int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"])
-    per_node = tasks_per_node(environ.get("SLURM_STEP_TASKS_PER_NODE") or environ["SLURM_TASKS_PER_NODE"])
-    check_allocation(environ, per_node)
-    return {
-        "RANK": environ["SLURM_PROCID"],
-        "LOCAL_RANK": environ["SLURM_LOCALID"],
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_WORLD_SIZE": str(per_node[0]),
-        # Task 0 runs on the first node of the step (block and cyclic distribution alike).
-        "MASTER_ADDR": first_host(environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]),
-        "MASTER_PORT": str(PORT_BASE + int(environ["SLURM_JOB_ID"]) % PORT_SPAN),
-    }
-
-
-def check_allocation(environ: Mapping[str, str], per_node: List[int]) -> None:
-    """Raise ConfigError, before any process group, when the ranks SLURM started cannot train as configured."""
-    if len(set(per_node)) > 1:
-        raise ConfigError(
-            f"SLURM started an uneven number of ranks per node ({','.join(map(str, per_node))}); dstrain needs the "
-            f"same number on every node. Ask for --nodes and --ntasks-per-node rather than --ntasks."
-        )
-    expected_nodes, expected_ranks = environ.get(EXPECTED_NODES), environ.get(EXPECTED_RANKS_PER_NODE)
-    if expected_nodes and (int(expected_nodes), int(expected_ranks)) != (len(per_node), per_node[0]):
-        raise ConfigError(
-            f"the job step runs {len(per_node)} node(s) x {per_node[0]} rank(s), but it was submitted for "
-            f"launcher.nodes={expected_nodes} x launcher.gpus_per_node={expected_ranks} "
-            f"(world size {int(expected_nodes) * int(expected_ranks)}): an sbatch or srun option changed the "
-            f"allocation. Submit again with dstrain submit and the launcher.* values you want."
-        )
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    if visible and environ.get("DS_ACCELERATOR") != "cpu" and len(visible.split(",")) < per_node[0]:
-        raise ConfigError(
-            f"this task sees {len(visible.split(','))} GPU(s) (CUDA_VISIBLE_DEVICES={visible}) for {per_node[0]} "
-            f"ranks on its node, and rank r uses GPU LOCAL_RANK: request the GPUs with --gpus-per-node="
-            f"{per_node[0]} and do not bind them per task (--gpus-per-task, --gpu-bind)."
-        )
-
-
-def tasks_per_node(value: str) -> List[int]:
-    """SLURM_TASKS_PER_NODE's compressed form, e.g. `2(x3),1`, as one count per node: [2, 2, 2, 1]."""
-    counts = []
-    for part in value.split(","):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not match:
-            raise ConfigError(f"cannot read SLURM's tasks per node {value!r}")
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    return counts
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM hostlist: `gpu-[007-009,012],cpu1` gives `gpu-007` (zero padding kept).
-    Read here rather than with `scontrol show hostnames`, which every rank of a large job would run."""
-    depth, end = 0, len(nodelist)
-    for index, char in enumerate(nodelist):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            end = index
-            break
-    return re.sub(r"\[([^\]]*)\]", lambda match: re.split(r"[,-]", match.group(1))[0], nodelist[:end])
-
-
 # ----------------------------------------------------------------------------------------- submitting
 
 
@@ -162,26 +86,19 @@ class JobPlan:
 
 def plan_job(overrides: Sequence[str]) -> JobPlan:
     """Compose the overrides exactly as training will, and check everything that can be checked here."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
 
-    from dstrain.cli import CONF_DIR, normalize_argv
+    from dstrain.compose import compose, one_line
 
-    register_schema()
     try:
         parser = OverridesParser.create()
         names = [parser.parse_overrides([override])[0].key_or_group == "run.name" for override in overrides]
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            dict_config = compose("train", overrides=normalize_argv(list(overrides)))
     except HydraException as error:
-        raise ConfigError(_one_line(error)) from None
-    if not any(names):
-        # The resolver names runs after their overrides, which only Hydra's runtime knows; this run is named
-        # by its job id, which only SLURM knows. A stand-in lets the rest of the config be checked.
-        dict_config.run.name = "slurm-JOBID"
-    cfg: TrainConfig = OmegaConf.to_object(dict_config)
+        raise ConfigError(one_line(error)) from None
+    # The resolver names runs after their overrides, which only Hydra's runtime knows; a run without run.name
+    # is named by its job id, which only SLURM knows. A stand-in lets the rest of the config be checked.
+    cfg = compose(overrides, run_name=None if any(names) else "slurm-JOBID")
     validate(cfg)
     validate_launcher(cfg)
     plan = JobPlan(
@@ -198,16 +115,6 @@ def plan_job(overrides: Sequence[str]) -> JobPlan:
         )
     check_resume(plan)
     return plan
-
-
-def _one_line(error: Exception) -> str:
-    lines = []
-    for line in str(error).splitlines():
-        if line.startswith(("Config search path", "See https")):
-            break
-        lines.append(line.strip())
-    cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ else ""
-    return " ".join(line for line in lines if line) + cause
 
 
 def validate_launcher(cfg: TrainConfig) -> None:
@@ -426,7 +333,7 @@ def render(plan: JobPlan, command: str) -> str:
         "train_script": shlex.quote(str(TRAIN_SCRIPT)),
         "overrides": " ".join(shlex.quote(override) for override in plan.overrides),
         "requeue": "1" if launcher.requeue else "0",
-        "preempted_exit_code": str(PREEMPTED_EXIT_CODE),
+        "preempted_exit_code": str(int(ExitCode.PREEMPTED)),
     }
     return fill_template(TEMPLATE.read_text(), values)
 
@@ -444,16 +351,16 @@ def submit(overrides: Sequence[str], dry_run: bool) -> None:
     launcher = plan.cfg.launcher
     sbatch = shutil.which("sbatch")
     if sbatch is None and not dry_run:
-        raise ConfigError(
+        raise SlurmError(
             "sbatch not found on PATH: run dstrain submit on a SLURM login node (or put SLURM's bin directory "
             "on PATH); --dry-run prints the script without submitting"
         )
     try:
         sinfo = shutil.which("sinfo")
         if sinfo is None:
-            raise ConfigError("sinfo not found")
+            raise SlurmError("sinfo not found")
         partitions = read_partitions(_slurm([sinfo, "-h", "-a", "-o", "%P|%D|%c|%G"], "sinfo"), launcher.gpu_type)
-    except ConfigError as error:
+    except SlurmError as error:
         # Printing the script needs no cluster; submitting does.
         if not dry_run:
             raise
@@ -490,5 +397,5 @@ def _slurm(command: List[str], what: str, stdin: Optional[str] = None) -> str:
         # SLURM's tools put the reason on their last line, after any warnings.
         lines = done.stderr.strip().splitlines()
         message = lines[-1] if lines else f"exit code {done.returncode}"
-        raise ConfigError(f"{what} failed: {message}")
+        raise SlurmError(f"{what} failed: {message}")
     return done.stdout

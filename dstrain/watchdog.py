@@ -4,7 +4,7 @@ A collective with a dead peer usually fails fast (the peer's sockets close), and
 collective that outlives the process group's timeout. Gloo does not always: with a peer that is alive but
 stuck (SIGSTOP, a hung file system, a deadlocked data worker), a large all-reduce was seen to wait forever
 despite the timeout. So the training loop reports progress at every step, evaluation and save, and a rank
-that hears nothing for trainer.collective_timeout_s logs why and exits with HUNG_EXIT_CODE. Its peers then
+that hears nothing for trainer.collective_timeout_s logs why and exits with ExitCode.HUNG. Its peers then
 fail in their next collective, and the restart resumes from the newest complete checkpoint.
 """
 
@@ -13,9 +13,9 @@ import os
 import threading
 import time
 
-log = logging.getLogger("dstrain")
+from dstrain.errors import ExitCode
 
-HUNG_EXIT_CODE = 4
+log = logging.getLogger("dstrain")
 
 
 class ProgressWatchdog:
@@ -46,7 +46,7 @@ class ProgressWatchdog:
                 log.error(
                     "no training progress for %.0f s (trainer.collective_timeout_s=%.0f): another rank has "
                     "probably died or hung. Exiting with code %d; a restart resumes from the newest complete "
-                    "checkpoint.", silent_s, self.timeout_s, HUNG_EXIT_CODE,
+                    "checkpoint.", silent_s, self.timeout_s, ExitCode.HUNG,
                 )
                 logging.shutdown()
-                os._exit(HUNG_EXIT_CODE)
+                os._exit(ExitCode.HUNG)

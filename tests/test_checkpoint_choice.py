@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dstrain.checkpoint import MANIFEST, CheckpointManager
-from dstrain.config import ConfigError
+from dstrain.errors import ConfigError
 
 
 def _manager(directory):

@@ -2,7 +2,7 @@
 
 Subprocess tests run `launch/train.py` exactly as a user would (`--cfg job` prints the composed config and
 exits). In-process tests use Hydra's compose API with the same conf directory, the same argv clean-up
-(`dstrain.cli.normalize_argv`), the same schema and the same run-name resolver as `dstrain.cli.main`.
+(`dstrain.compose.normalize_argv`), the same schema and the same run-name resolver as `dstrain.launch.main`.
 """
 
 import os
@@ -21,9 +21,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 from transformers import AutoModelForCausalLM
 
-from dstrain.cli import CONF_DIR, CONFIG_GROUPS, normalize_argv, run_name_from_overrides
-from dstrain.config import ConfigError, ModelConfig, PrecisionConfig, TrainConfig, register_schema, validate
-from dstrain.config import validate_accelerator
+from dstrain.compose import CONF_DIR, CONFIG_GROUPS, normalize_argv, run_name_from_overrides
+from dstrain.checks import validate, validate_accelerator
+from dstrain.config import ModelConfig, PrecisionConfig, TrainConfig, register_schema
+from dstrain.errors import ConfigError
 from dstrain.model import llama_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def _register() -> None:
 
 
 def compose_typed(overrides, normalize: bool = True) -> TrainConfig:
-    """Compose like `dstrain.cli.main` does and convert to the typed dataclass, resolving run.name with the
+    """Compose like `dstrain.launch.main` does and convert to the typed dataclass, resolving run.name with the
     real resolver (Hydra's own run_job sets HydraConfig the same way before calling the task function)."""
     _register()
     argv = normalize_argv(list(overrides)) if normalize else list(overrides)
@@ -149,9 +150,9 @@ def test_bf16_lora(tmp_path):
     cfg = cfg_job(tmp_path, "+precision=bf16", "+peft=lora")
     assert cfg["precision"]["dtype"] == "bf16"
     assert cfg["peft"]["method"] == "lora"
-    assert cfg["peft"]["r"] == 8
-    assert cfg["peft"]["dropout"] == 0.05
-    assert cfg["peft"]["target_modules"] == [
+    assert cfg["peft"]["lora"]["r"] == 8
+    assert cfg["peft"]["lora"]["dropout"] == 0.05
+    assert cfg["peft"]["lora"]["target_modules"] == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     ]
     assert cfg["zero"]["stage"] == 0

@@ -5,8 +5,11 @@ import json
 import pytest
 import torch
 
-from dstrain.config import ConfigError, TrainConfig
-from dstrain.data import BatchPlan, build_tokenizer, builtin_documents, byte_level_tokenizer, packed_blocks
+from dstrain.config import TrainConfig
+from dstrain.errors import ConfigError, DataError
+from dstrain.data import (
+    BatchPlan, build_tokenizer, builtin_documents, byte_level_tokenizer, counted_tokens, packed_blocks,
+)
 
 
 def _files_config(paths, file_format="jsonl", seq_len=16) -> TrainConfig:
@@ -67,14 +70,14 @@ def test_changed_file_is_tokenised_again(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "fine"}\n{"text": "cut off\n{"text": "fine"}\n')
-    with pytest.raises(ConfigError, match=rf"{path}:2: not valid JSON"):
+    with pytest.raises(DataError, match=rf"{path}:2: not valid JSON"):
         packed_blocks(_files_config([path]), byte_level_tokenizer(), "train")
 
 
 def test_missing_text_field_names_the_field_and_the_fix(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "fine"}\n{"content": "elsewhere"}\n')
-    with pytest.raises(ConfigError, match=rf"{path}:2: no string field 'text'.*data.text_field"):
+    with pytest.raises(DataError, match=rf"{path}:2: no string field 'text'.*data.text_field"):
         packed_blocks(_files_config([path]), byte_level_tokenizer(), "train")
 
 
@@ -105,7 +108,7 @@ def _blocks(count: int):
 
 def _step_blocks(plan: BatchPlan, step: int):
     consumed = (step - 1) * plan.global_batch
-    return [int(row[0]) for micro in range(plan.accumulation_steps) for row in plan.micro_batch(consumed, micro)]
+    return [int(row[0]) for micro in range(plan.accumulation_steps) for row in plan.micro_batch(consumed, micro)["input_ids"]]
 
 
 def test_ranks_read_disjoint_shards_that_make_up_the_global_batch():
@@ -137,6 +140,9 @@ def test_fewer_blocks_than_a_global_batch_is_an_error():
         BatchPlan(_blocks(10), seed=0, micro_batch_size=8, accumulation_steps=1, world_size=2, rank=0)
 
 
-def test_micro_batches_are_token_tensors():
+def test_micro_batches_are_dicts_of_token_tensors_in_which_every_token_counts():
     batch = BatchPlan(_blocks(10), seed=0, micro_batch_size=2, accumulation_steps=1, world_size=1, rank=0).micro_batch(0, 0)
-    assert batch.dtype == torch.int64 and batch.shape == (2, 4)
+    assert batch["input_ids"].dtype == torch.int64 and batch["input_ids"].shape == (2, 4)
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert batch["labels"].data_ptr() != batch["input_ids"].data_ptr(), "masking labels must not touch the inputs"
+    assert counted_tokens(batch) == 2 * 3

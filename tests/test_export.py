@@ -51,28 +51,29 @@ def _logged_final_eval_loss(run) -> float:
 
 
 def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: int = 2) -> float:
-    """The trainer's evaluate(): each rank's mean loss over its eval batches, then the mean over ranks."""
-    from dstrain.config import ConfigError, TrainConfig
+    """The trainer's evaluation: the loss per predicted token over every rank's eval batches, computed here
+    with the model's own (mean) loss."""
+    from dstrain.config import TrainConfig
     from dstrain.data import eval_batches, packed_blocks
 
     cfg = TrainConfig()
     cfg.model.pretrained = pretrained
     cfg.trainer.eval_batches = EVAL_BATCHES
     val_blocks = packed_blocks(cfg, tokenizer, "val")
-    per_rank = []
+    total, tokens = 0.0, 0
     with torch.no_grad():
         for rank in range(world_size):
-            total, count = torch.zeros(()), 0
-            for input_ids in eval_batches(val_blocks, cfg.trainer.micro_batch_size, world_size, rank, EVAL_BATCHES):
-                total += model(input_ids=input_ids, labels=input_ids).loss.float()
-                count += 1
-            assert count == EVAL_BATCHES
-            per_rank.append(float(total / count))
-    return sum(per_rank) / world_size
+            batches = list(eval_batches(val_blocks, cfg.trainer.micro_batch_size, world_size, rank, EVAL_BATCHES))
+            assert len(batches) == EVAL_BATCHES
+            for batch in batches:
+                predicted = batch["input_ids"][:, 1:].numel()
+                total += model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.item() * predicted
+                tokens += predicted
+    return total / tokens
 
 
 def _first_training_batch(tokenizer, pretrained):
-    from dstrain.config import ConfigError, TrainConfig
+    from dstrain.config import TrainConfig
     from dstrain.data import BatchPlan, packed_blocks
 
     cfg = TrainConfig()
@@ -103,15 +104,15 @@ def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, zero):
         tmp_path, f"model.pretrained={out}", "trainer.max_steps=2", "scheduler.warmup_steps=1",
         "trainer.eval_every=0", "trainer.save_every=0", ranks=0, name="from_export",
     )
-    batch = _first_training_batch(tokenizer, out)
+    input_ids = _first_training_batch(tokenizer, out)["input_ids"]
     with torch.no_grad():
-        expected = model(input_ids=batch, labels=batch).loss.item()
+        expected = model(input_ids=input_ids, labels=input_ids).loss.item()
     assert again.losses()[1] == pytest.approx(expected, rel=1e-5)
 
     # Exporting over a finished export is refused, and leaves it alone.
     repeated = _export(run.run_dir / LAST_CHECKPOINT, out)
     assert repeated.returncode == 2
-    assert f"dstrain: error: the output directory {out} already exists and is not empty" in repeated.stderr
+    assert f"dstrain: config error: the output directory {out} already exists and is not empty" in repeated.stderr
     assert "Traceback" not in repeated.stderr
     assert (out / "model.safetensors").is_file()
 
@@ -127,7 +128,7 @@ def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, tiny_pre
     )
     out = tmp_path / "exported"
     completed = _export_ok(run.run_dir / LAST_CHECKPOINT, out, "--merged")
-    assert "exported the LoRA adapter of step 12 (ZeRO-3, trained in fp32)" in completed.stdout
+    assert "exported the adapter of step 12 (ZeRO-3, trained in fp32)" in completed.stdout
 
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_pretrained_dir)
@@ -147,7 +148,7 @@ def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, tiny_pre
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert AutoTokenizer.from_pretrained(out / "merged").get_vocab() == tokenizer.get_vocab()
 
-    input_ids = _first_training_batch(tokenizer, tiny_pretrained_dir)
+    input_ids = _first_training_batch(tokenizer, tiny_pretrained_dir)["input_ids"]
     with torch.no_grad():
         adapter_logits = with_adapter(input_ids=input_ids).logits
         merged_logits = merged(input_ids=input_ids).logits
@@ -167,7 +168,7 @@ def test_export_of_something_that_is_not_a_checkpoint_is_refused(tmp_path):
     completed = _export(not_a_checkpoint, out, module=True)
     assert completed.returncode == 2, completed.stderr[-4000:]
     assert completed.stderr.strip().splitlines() == [
-        f"dstrain: error: {not_a_checkpoint} is not a complete dstrain checkpoint (no manifest.json). "
+        f"dstrain: checkpoint error: {not_a_checkpoint} is not a complete dstrain checkpoint (no manifest.json). "
         f"Give a checkpoints/step_* directory that has one."
     ]
     assert not out.exists()
@@ -184,14 +185,14 @@ def test_export_of_something_that_is_not_a_checkpoint_is_refused(tmp_path):
 def test_the_config_comes_back_from_a_manifest_and_an_unknown_key_is_named():
     from dataclasses import asdict
 
-    from dstrain.config import ConfigError, TrainConfig
-    from dstrain.export import train_config_from_manifest
-    from dstrain.trainer import flatten
+    from dstrain.config import TrainConfig, flatten
+    from dstrain.errors import CheckpointError
+    from dstrain.loading import train_config_from_manifest
 
     cfg = TrainConfig()
     cfg.logger.wandb.tags = ["a"]
     cfg.model.hidden_size = 128
     cfg.run.name = "resolved-at-training"
     assert train_config_from_manifest({"config": flatten(asdict(cfg))}) == cfg
-    with pytest.raises(ConfigError, match=r"has model\.bogus, which this version of dstrain does not know"):
+    with pytest.raises(CheckpointError, match=r"has model\.bogus, which this version of dstrain does not know"):
         train_config_from_manifest({"config": {**flatten(asdict(cfg)), "model.bogus": 1}})

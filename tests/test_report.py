@@ -122,6 +122,6 @@ def test_report_without_a_metrics_file_is_a_clear_error(tmp_path):
     completed = _dstrain(tmp_path)
     assert completed.returncode == 2
     assert completed.stderr.strip() == (
-        f"dstrain: error: no metrics file in {tmp_path}: looked for metrics.jsonl and metrics.csv"
+        f"dstrain: config error: no metrics file in {tmp_path}: looked for metrics.jsonl and metrics.csv"
     )
     assert not (tmp_path / "report").exists()

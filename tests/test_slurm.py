@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 
 from dstrain import commands
-from dstrain.config import ConfigError, LauncherConfig
-from dstrain.slurm import (
-    check_cluster,
-    first_host,
-    read_partitions,
-    rendezvous_from_slurm,
-    tasks_per_node,
-    time_limit_s,
-)
+from dstrain.config import LauncherConfig
+from dstrain.errors import ConfigError
+from dstrain.distributed import first_host, rendezvous_from_slurm, tasks_per_node
+from dstrain.slurm import check_cluster, read_partitions, time_limit_s
 from slurm_cluster import FINAL_STATES, slurm_cluster  # noqa: F401 - a fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,7 +195,7 @@ def test_a_config_that_cannot_work_is_one_line_and_nothing_is_submitted(
     code, out, err = _submit(tmp_path, monkeypatch, capsys, *overrides, dry_run=False)
     assert code == 2 and out == ""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dstrain: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("dstrain: config error: "), err
     assert re.search(message, lines[0]), lines[0]
 
 
@@ -216,7 +211,7 @@ def test_missing_sbatch_is_a_clear_error(tmp_path):
     done = _dstrain(tmp_path, "submit", *RUN)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (
-        "dstrain: error: sbatch not found on PATH: run dstrain submit on a SLURM login node (or put SLURM's bin "
+        "dstrain: slurm error: sbatch not found on PATH: run dstrain submit on a SLURM login node (or put SLURM's bin "
         "directory on PATH); --dry-run prints the script without submitting\n"
     )
 
@@ -231,7 +226,7 @@ def test_partition_is_checked_with_sinfo_before_submitting(tmp_path, monkeypatch
     with pytest.raises(SystemExit):
         commands.main(["submit", "--dry-run", "launcher.partition=gpux"])
     assert capsys.readouterr().err.strip() == (
-        "dstrain: error: launcher.partition=gpux: no partition 'gpux' here (sinfo lists: cpu, gpu)"
+        "dstrain: config error: launcher.partition=gpux: no partition 'gpux' here (sinfo lists: cpu, gpu)"
     )
     commands.main(["submit", "--dry-run", "launcher.partition=gpu", "launcher.gpus_per_node=8"])
     out, err = capsys.readouterr()

@@ -159,9 +159,9 @@ def test_pretrained_directory_loads_and_trains(tmp_path, tiny_pretrained_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_pretrained_dir)
     plan = BatchPlan(packed_blocks(cfg, tokenizer, "train"), cfg.trainer.seed, cfg.trainer.micro_batch_size, 1, 1, 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_pretrained_dir, dtype=torch.float32)
-    batch = plan.micro_batch(0, 0)
+    input_ids = plan.micro_batch(0, 0)["input_ids"]
     with torch.no_grad():
-        expected = model(input_ids=batch, labels=batch).loss.item()
+        expected = model(input_ids=input_ids, labels=input_ids).loss.item()
     assert losses[1] == pytest.approx(expected, rel=1e-5)
 
 
@@ -201,4 +201,4 @@ def test_malformed_data_line_stops_the_run_with_file_and_line(tmp_path):
         tmp_path, "+data=files", f"data.train_files=[{data}]", "trainer.eval_every=0", *SHORT[:2], check=False,
     )
     assert run.returncode != 0
-    assert f"dstrain: config error: {data}:2: not valid JSON" in run.output
+    assert f"dstrain: data error: {data}:2: not valid JSON" in run.output

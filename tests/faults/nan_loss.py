@@ -11,7 +11,7 @@ import os
 
 from transformers import LlamaForCausalLM
 
-from dstrain.cli import main
+from dstrain.launch import main
 
 
 def _nan_steps(spec: str):

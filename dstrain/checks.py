@@ -1,0 +1,116 @@
+"""The checks a composed config passes before any process group or model exists: every named choice, then
+the combinations that cannot work. Each failure is one ConfigError naming the key and the fix."""
+
+import importlib
+from dataclasses import fields, is_dataclass
+
+from dstrain.config import PrecisionConfig, TrainConfig
+from dstrain.errors import ConfigError
+
+
+def allowed_values(spec) -> list:
+    """The names a field declared with config.one_of may take."""
+    if spec.metadata.get("registry"):
+        module, attribute = spec.metadata["registry"].split(":")
+        return getattr(importlib.import_module(module), attribute).names()
+    return list(spec.metadata["choices"])
+
+
+def check_choices(node, prefix: str = "") -> None:
+    """Every field declared with one_of holds one of its names, in node and the dataclasses below it."""
+    for spec in fields(node):
+        value = getattr(node, spec.name)
+        if is_dataclass(value):
+            check_choices(value, f"{prefix}{spec.name}.")
+        elif "choices" in spec.metadata:
+            allowed = allowed_values(spec)
+            if value not in allowed:
+                raise ConfigError(f"{prefix}{spec.name}={value!r} is not one of {allowed}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject combinations that cannot work, before any process group or model exists."""
+    from dstrain.data import DATA_SOURCES
+    from dstrain.evaluation import EVALUATORS
+
+    check_choices(cfg)
+    for metric in cfg.trainer.eval_metrics:
+        if metric not in EVALUATORS.names():
+            raise ConfigError(f"trainer.eval_metrics: {metric!r} is not one of {EVALUATORS.names()}")
+
+    precision = cfg.precision
+    if precision.dtype != "fp16":
+        defaults = PrecisionConfig()
+        changed = [
+            f.name
+            for f in fields(PrecisionConfig)
+            if f.name in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+            and getattr(precision, f.name) != getattr(defaults, f.name)
+        ]
+        if changed:
+            raise ConfigError(
+                f"precision.{changed[0]} is an fp16 loss-scaling option, but precision.dtype={precision.dtype}. "
+                f"Remove it, or train in fp16 with +precision=fp16."
+            )
+    if precision.grad_accum_dtype is not None and precision.dtype != "bf16":
+        raise ConfigError(
+            f"precision.grad_accum_dtype is a bf16-only option, but precision.dtype={precision.dtype}. "
+            f"Remove it, or train in bf16 with +precision=bf16."
+        )
+
+    zero = cfg.zero
+    if zero.offload_param and zero.stage != 3:
+        raise ConfigError(
+            f"zero.offload_param needs ZeRO stage 3, but zero.stage={zero.stage}. Use +zero=3_offload."
+        )
+    if zero.offload_optimizer and zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer needs ZeRO stage 1, 2 or 3. Use +zero=2_offload.")
+
+    trainer = cfg.trainer
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_consecutive_skips"):
+        if getattr(trainer, key) < 1:
+            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be at least 1")
+    for key in ("eval_every", "save_every"):
+        if getattr(trainer, key) < 0:
+            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be 0 (off) or positive")
+    if trainer.stop_grace_s <= 0 or trainer.collective_timeout_s <= 0:
+        raise ConfigError("trainer.stop_grace_s and trainer.collective_timeout_s must be positive (seconds)")
+    if trainer.nonfinite == "skip" and zero.stage == 0 and precision.dtype == "fp32":
+        # Only DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16) check gradients before updating; plain
+        # ZeRO-0 fp32 hands them straight to torch's AdamW, which would write the NaN into the weights.
+        raise ConfigError(
+            "trainer.nonfinite=skip needs an engine that can drop an update, and ZeRO-0 in fp32 cannot. "
+            "Use +zero=1 (the same memory on one rank), +precision=bf16, or trainer.nonfinite=stop."
+        )
+    if cfg.scheduler.warmup_steps >= trainer.max_steps:
+        raise ConfigError(
+            f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be below "
+            f"trainer.max_steps={trainer.max_steps}"
+        )
+
+    # conf/model/pretrained.yaml says `pretrained: ???`, but merging MISSING over the schema's None keeps None,
+    # so without this check `+model=pretrained` alone would quietly train the tiny shape from scratch.
+    if cfg.model.name == "pretrained" and not cfg.model.pretrained:
+        raise ConfigError(
+            "+model=pretrained needs a Hugging Face directory: model.pretrained=/path/to/model_dir"
+        )
+
+    DATA_SOURCES[cfg.data.name].check(cfg)
+    if cfg.model.pretrained is None and cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}"
+        )
+    if cfg.peft.lora.r < 1:
+        raise ConfigError(f"peft.lora.r={cfg.peft.lora.r} must be at least 1")
+
+
+def validate_accelerator(cfg: TrainConfig, accelerator) -> None:
+    """Checks that need to know the hardware, still before any process group starts."""
+    name = accelerator.device_name()
+    if cfg.precision.dtype == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(f"precision.dtype=bf16 is not supported on this {name} device. Use +precision=fp16.")
+    if cfg.precision.dtype == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(
+            f"precision.dtype=fp16 is not supported on the {name} accelerator. Use +precision=bf16 or fp32."
+        )

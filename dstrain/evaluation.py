@@ -1,0 +1,31 @@
+"""What an evaluation reports: the evaluators trainer.eval_metrics names, each a component that takes the
+engine and this rank's validation batches and returns metrics agreed by all ranks."""
+
+import math
+from typing import Dict, Iterable
+
+import torch
+
+from dstrain.data import Batch, counted_tokens
+from dstrain.distributed import sum_over_ranks
+from dstrain.loss import summed_token_loss
+from dstrain.registry import Registry
+
+
+class Perplexity:
+    """Validation loss per counted token over every rank's batches, and its exponential."""
+
+    def evaluate(self, engine, batches: Iterable[Batch], device) -> Dict[str, float]:
+        loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
+        with torch.no_grad():
+            for batch in batches:
+                batch = {key: value.to(device) for key, value in batch.items()}
+                loss_sum += summed_token_loss(engine, batch).double()
+                count += counted_tokens(batch)
+        total, total_count = sum_over_ranks([loss_sum, count], device)
+        loss = total / max(total_count, 1)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+EVALUATORS: Registry = Registry("trainer.eval_metrics")
+EVALUATORS.register("perplexity")(Perplexity())

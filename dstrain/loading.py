@@ -1,0 +1,180 @@
+"""Load a trained model back from a dstrain checkpoint, in one CPU process without DeepSpeed's engine or a
+process group: what `dstrain export` does first, and what every command that uses a trained model shares.
+
+The checkpoint's manifest holds the resolved training config, so the model is rebuilt exactly as it was
+trained (a preset shape, or the architecture of model.pretrained, with the same PEFT method). The weights are
+consolidated into one fp32 state dict with DeepSpeed's own zero_to_fp32 for ZeRO stages 1-3 (the fp32 master
+weights, whatever precision trained them). A ZeRO-0 checkpoint has no ZeRO files: its module weights are read
+from mp_rank_00_model_states.pt and cast to fp32. After fp32 training they are the master weights; after bf16
+or fp16 training they are the 16-bit weights the engine computed with (the fp32 masters are in that file too,
+but only as unnamed flat groups of the optimizer). The state dict must fit the rebuilt model exactly.
+"""
+
+import os
+import warnings
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from dstrain.adapters import peft_method
+from dstrain.checkpoint import MANIFEST, problem_with, read_manifest
+from dstrain.config import TrainConfig, unflatten
+from dstrain.data import build_tokenizer
+from dstrain.errors import CheckpointError
+
+ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+@dataclass
+class TrainedModel:
+    """A checkpoint's model with its trained weights, on the CPU in fp32, in eval mode."""
+
+    # The module as trained: a PeftModel when the run trained an adapter.
+    model: torch.nn.Module
+    tokenizer: Any
+    # The training config, rebuilt from the manifest.
+    cfg: TrainConfig
+    manifest: Dict[str, Any]
+
+
+def load_trained_model(checkpoint: Path) -> TrainedModel:
+    checkpoint = Path(checkpoint).resolve()
+    manifest = checked_manifest(checkpoint)
+    cfg = train_config_from_manifest(manifest)
+    tokenizer = load_tokenizer(cfg)
+    model = rebuild_model(cfg)
+    state_dict = consolidated_state_dict(checkpoint, manifest["zero_stage"])
+    load_strictly(model, state_dict, checkpoint)
+    return TrainedModel(model, tokenizer, cfg, manifest)
+
+
+def checked_manifest(checkpoint: Path) -> dict:
+    """The manifest of a complete, undamaged checkpoint; a CheckpointError that says where to look otherwise."""
+    if not (checkpoint / MANIFEST).is_file():
+        hint = ""
+        newest = newest_checkpoint_under(checkpoint)
+        if newest is not None:
+            hint = f" The newest complete checkpoint under it is {newest}."
+        raise CheckpointError(
+            f"{checkpoint} is not a complete dstrain checkpoint (no {MANIFEST}). "
+            f"Give a checkpoints/step_* directory that has one.{hint}"
+        )
+    problem = problem_with(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"the checkpoint {checkpoint} is damaged: {problem}. Use another step_* directory.")
+    return read_manifest(checkpoint)
+
+
+def newest_checkpoint_under(directory: Path) -> Optional[Path]:
+    """For a run directory or its checkpoints/ folder: the complete checkpoint with the highest step."""
+    found = []
+    for folder in (directory, directory / "checkpoints"):
+        if folder.is_dir():
+            found += [path for path in folder.glob("step_*") if (path / MANIFEST).is_file()]
+    if not found:
+        return None
+    return max(found, key=lambda path: read_manifest(path)["step"])
+
+
+def train_config_from_manifest(manifest: dict) -> TrainConfig:
+    """Rebuild the typed config from the manifest's flat {"model.hidden_size": 64, ...} form."""
+    flat = manifest.get("config")
+    if not flat:
+        raise CheckpointError("the checkpoint's manifest has no training config, which the model is rebuilt from")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), unflatten(flat)))
+    except (ConfigKeyError, ValidationError) as error:
+        raise CheckpointError(
+            f"the checkpoint's config has {error.full_key}, which this version of dstrain does not know. "
+            f"Use the dstrain version that trained it."
+        ) from error
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer that training used: data.tokenizer, else model.pretrained's, else byte-level."""
+    try:
+        return build_tokenizer(cfg)
+    except OSError as error:
+        source = cfg.data.tokenizer or cfg.model.pretrained
+        raise CheckpointError(f"cannot load the tokenizer the run was trained with, {source}: {error}") from None
+
+
+def model_config(cfg: TrainConfig):
+    """The architecture: the preset shape from the config, or model.pretrained's config.json."""
+    from transformers import AutoConfig
+
+    from dstrain.model import llama_config
+
+    if not cfg.model.pretrained:
+        config = llama_config(cfg.model)
+        config.use_cache = True  # training turns the KV cache off; generation wants it
+        return config
+    try:
+        return AutoConfig.from_pretrained(cfg.model.pretrained)
+    except OSError as error:
+        raise CheckpointError(
+            f"the checkpoint was trained from model.pretrained={cfg.model.pretrained}, whose config.json "
+            f"the export needs, but it cannot be loaded: {error}"
+        ) from None
+
+
+def rebuild_model(cfg: TrainConfig) -> torch.nn.Module:
+    """The trained module's structure on the CPU in fp32 (a PeftModel for an adapter), weights still to load."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(
+        model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+    )
+    with warnings.catch_warnings():
+        # PEFT asks transformers a deprecated question while wrapping; the warning is not the user's.
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = peft_method(cfg).apply(model, cfg)
+    return model.eval()
+
+
+def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> Dict[str, torch.Tensor]:
+    """Every parameter whole and in fp32."""
+    if zero_stage == 0:
+        return zero0_state_dict(checkpoint)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 reports its progress with print(); keep this command's stdout for its own result.
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def zero0_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
+    """ZeRO-0 saves the whole module, in the training precision, in one file."""
+    states = torch.load(checkpoint / ZERO0_MODEL_STATES, map_location="cpu", weights_only=False, mmap=True)
+    return {
+        name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in states["module"].items()
+    }
+
+
+def load_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    reshaped = sorted(
+        name for name in set(expected) & set(state_dict) if expected[name].shape != state_dict[name].shape
+    )
+    details = []
+    if reshaped:
+        name = reshaped[0]
+        details.append(
+            f"{name} is {list(state_dict[name].shape)} in the checkpoint but {list(expected[name].shape)} in the model"
+        )
+    if missing:
+        details.append(f"{len(missing)} model weights are not in the checkpoint (first: {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} checkpoint weights are not in the model (first: {unexpected[0]})")
+    if details:
+        raise CheckpointError(
+            f"the weights in {checkpoint} do not fit the model rebuilt from its manifest: {'; '.join(details)}."
+        )
+    model.load_state_dict(state_dict, strict=True)
