@@ -202,3 +202,27 @@ def test_malformed_data_line_stops_the_run_with_file_and_line(tmp_path):
     )
     assert run.returncode != 0
     assert f"dstrain: data error: {data}:2: not valid JSON" in run.output
+
+
+# Per-step losses of the shared matrix runs (STANDARD_RUN, +zero=2) as dstrain trained them before batches
+# became dicts with labels and the loss a sum over counted tokens (commit abeeb02, this machine). Plain text
+# counts every token, so the per-token mean must reproduce them bit for bit.
+LOSSES_BEFORE_THE_LOSS_STEP = {
+    "fp32": [5.585334062576294, 5.472186088562012, 5.311819553375244, 5.187955617904663, 5.083409786224365,
+             4.996175527572632, 4.920519828796387, 4.844524145126343, 4.766032457351685, 4.6965460777282715,
+             4.620702028274536, 4.55220365524292, 4.49271821975708, 4.438019275665283, 4.38756251335144,
+             4.3435022830963135, 4.312376976013184, 4.277552127838135, 4.2591118812561035, 4.23515510559082,
+             4.21935772895813, 4.203160285949707, 4.183105707168579, 4.176376104354858],
+    "bf16": [5.585426568984985, 5.4740149974823, 5.313582897186279, 5.190142869949341, 5.085685729980469,
+             4.996525049209595, 4.920985460281372, 4.8452794551849365, 4.767150640487671, 4.697762727737427,
+             4.622577667236328, 4.554826021194458, 4.4959611892700195, 4.441624402999878, 4.391587495803833,
+             4.347817420959473, 4.3146748542785645, 4.277927875518799, 4.260083436965942, 4.236288070678711,
+             4.220374822616577, 4.204298973083496, 4.184406995773315, 4.177905559539795],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_plain_text_losses_are_the_ones_before_the_per_token_loss(shared_run, precision):
+    losses = shared_run(*STANDARD_RUN, "+zero=2", f"+precision={precision}").losses()
+    assert [losses[step] for step in sorted(losses)] == LOSSES_BEFORE_THE_LOSS_STEP[precision]
