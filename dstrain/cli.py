@@ -76,6 +76,7 @@ def _rank() -> int:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def _hydra_main(dict_config) -> None:
+    from dstrain.runlock import RunDirInUse
     from dstrain.trainer import TrainingDiverged, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
@@ -84,7 +85,8 @@ def _hydra_main(dict_config) -> None:
         finished = train(cfg, run_dir)
     except ConfigError as error:
         # Hydra would print a traceback; a config mistake deserves one clear line and its own exit code.
-        print(f"dstrain: config error: {error}", file=sys.stderr)
+        if _rank() == 0 or not isinstance(error, RunDirInUse):  # every rank raises RunDirInUse; one says it
+            print(f"dstrain: config error: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT_CODE)
     except TrainingDiverged as error:
         if _rank() == 0:

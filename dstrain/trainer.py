@@ -30,6 +30,7 @@ from dstrain.data import BatchPlan, build_tokenizer, eval_batches, packed_blocks
 from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.metrics import MetricsLogger
 from dstrain.preemption import PREEMPTED_EXIT_CODE, StopSignal
+from dstrain.runlock import hold_run_dir
 from dstrain.watchdog import ProgressWatchdog
 from dstrain.slurm import rendezvous_from_slurm
 from dstrain.model import build_model, model_fingerprint, parameter_counts, weight_decay_groups
@@ -46,7 +47,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> bool:
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
     rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
-    with StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
+    # One live run per run directory: rank 0 locks it, and every rank refuses together if it could not.
+    with hold_run_dir(run_dir, rank), StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
         return _train(cfg, run_dir, rank, world_size, stop_signal)
 
 
