@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from dstrain.config import ConfigError, LauncherConfig, TrainConfig, register_schema, validate
 from dstrain.preemption import PREEMPTED_EXIT_CODE
+from dstrain.runlock import check_run_dir_free, job_comment
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "launch" / "slurm" / "job.sbatch.template"
@@ -69,6 +70,7 @@ MANAGED_OPTIONS = {
     "--open-mode": "the requeue (append: a requeued run adds to the log)",
     "--chdir": "the directory you submit from", "-D": "the directory you submit from",
     "--hold": "the submission (held until the run directory exists)", "-H": "the submission",
+    "--comment": "run.root and run.name (dstrain.runlock finds the job by it)",
 }
 
 
@@ -405,6 +407,8 @@ def render(plan: JobPlan, command: str) -> str:
         "--open-mode=append",
         f"--output={run_dir / 'slurm-%j.out'}",
         f"--chdir={Path.cwd()}",
+        # Marks the job's run directory, so that the next submit sees it is taken (dstrain.runlock).
+        *([f"--comment={job_comment(run_dir)}"] if plan.run_name else []),
         *launcher.extra_sbatch,
     ]
     environment = {"PYTHONUNBUFFERED": "1"}
@@ -465,6 +469,8 @@ def submit(overrides: Sequence[str], dry_run: bool) -> None:
         print(script, end="")
         return
 
+    if plan.run_name:  # without it the run directory is slurm-<new job id>, which no other run can use
+        check_run_dir_free(plan.run_dir(), shutil.which("squeue"))
     # Held until its run directory exists: the log is written there, and SLURM does not create directories.
     job_id = _slurm([sbatch, "--parsable", "--hold"], "sbatch", stdin=script).strip().split(";")[0]
     try:
