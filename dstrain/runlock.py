@@ -219,26 +219,26 @@ def live_jobs_for(squeue_output: str, run_dir: Path) -> List[Tuple[str, str]]:
 
 
 def check_run_dir_free(run_dir: Path, squeue: Optional[str]) -> None:
-    """Raise RunDirInUse when a live process holds run_dir's lock, or a live SLURM job (squeue: the path of
-    squeue, or None to skip that check) was submitted for it."""
+    """Raise RunDirInUse when a live SLURM job (squeue: the path of squeue, or None to skip that check) was
+    submitted for run_dir, or a live process holds its lock. The job comes first: its id is the better lead."""
+    if squeue is not None:
+        import subprocess
+
+        done = subprocess.run([squeue, "-h", "-o", "%i|%T|%k"], capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines()
+            raise ConfigError(f"squeue failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
+        jobs = live_jobs_for(done.stdout, run_dir)
+        if jobs:
+            listed = ", ".join(f"job {job_id} ({state})" for job_id, state in jobs)
+            ids = " ".join(job_id for job_id, _ in jobs)
+            raise RunDirInUse(
+                f"{listed} already trains in the run directory {run_dir}: scancel {ids}, or choose another "
+                f"run.name"
+            )
     holder = live_holder(run_dir)
     if holder is not None:
         raise RunDirInUse(
             f"the run directory {run_dir} is in use by a live training run ({describe(holder)}): wait for it "
             f"to end, or choose another run.name"
-        )
-    if squeue is None:
-        return
-    import subprocess
-
-    done = subprocess.run([squeue, "-h", "-o", "%i|%T|%k"], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        raise ConfigError(f"squeue failed: {lines[-1] if lines else f'exit code {done.returncode}'}")
-    jobs = live_jobs_for(done.stdout, run_dir)
-    if jobs:
-        listed = ", ".join(f"job {job_id} ({state})" for job_id, state in jobs)
-        ids = " ".join(job_id for job_id, _ in jobs)
-        raise RunDirInUse(
-            f"{listed} already trains in the run directory {run_dir}: scancel {ids}, or choose another run.name"
         )
