@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from dataclasses import asdict
 from typing import List, Sequence
 
 from omegaconf import OmegaConf
@@ -97,3 +98,18 @@ def one_line(error: Exception) -> str:
         lines.append(line.strip())
     cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ else ""
     return " ".join(line for line in lines if line) + cause
+
+
+def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """The composed config into <run dir>/.hydra, where Hydra would have put it. Written by the run that holds
+    the run directory (dstrain.runlock) rather than by Hydra before it starts, so that a run refused because
+    another one is live leaves that run's copy alone."""
+    from hydra.core.hydra_config import HydraConfig
+
+    directory = run_dir / ".hydra"
+    directory.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(asdict(cfg)), directory / "config.yaml")
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create({"hydra": hydra}), directory / "hydra.yaml")
+        OmegaConf.save(hydra.overrides.task, directory / "overrides.yaml")

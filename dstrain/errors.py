@@ -25,6 +25,8 @@ class DstrainError(Exception):
 
     kind = "error"
     exit_code = ExitCode.ERROR
+    # Raised on every rank from one collective decision (so rank 0 alone need say it).
+    decided_together = False
 
 
 class ConfigError(DstrainError, ValueError):
@@ -60,3 +62,4 @@ class TrainingDiverged(DstrainError):
 
     kind = "training diverged"
     exit_code = ExitCode.DIVERGED
+    decided_together = True

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from dstrain.compose import CONF_DIR, normalize_argv, register
 from dstrain.config import TrainConfig
 from dstrain.distributed import global_rank
-from dstrain.errors import DstrainError, ExitCode, TrainingDiverged
+from dstrain.errors import DstrainError, ExitCode
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -26,10 +26,10 @@ def _hydra_main(dict_config) -> None:
     try:
         finished = train(cfg, run_dir)
     except DstrainError as error:
-        # Hydra would print a traceback; a known failure deserves one clear line and its own exit code. Every
-        # rank sees a config error (each prints it, since a rank may be alone in a log); a diverged run only
-        # needs saying once.
-        if global_rank() == 0 or not isinstance(error, TrainingDiverged):
+        # Hydra would print a traceback; a known failure deserves one clear line and its own exit code. A
+        # failure each rank finds for itself is printed by each (a rank may be alone in a log); one that all
+        # ranks decided together is said once.
+        if global_rank() == 0 or not error.decided_together:
             print(f"dstrain: {error.kind}: {error}", file=sys.stderr, flush=True)
         sys.exit(error.exit_code)
     if not finished:
@@ -91,9 +91,8 @@ def with_override(argv: List[str], override: str) -> List[str]:
 
 def main() -> None:
     argv = with_sweep_group(with_sweep_run_names(normalize_argv(sys.argv[1:])))
-    if global_rank() != 0:
-        # One copy of the composed config in the run directory is enough.
-        argv = with_override(argv, "hydra.output_subdir=null")
+    # The trainer saves the composed config once it holds the run directory (compose.save_run_config).
+    argv = with_override(argv, "hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     register()
     _hydra_main()

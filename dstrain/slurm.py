@@ -31,6 +31,7 @@ from dstrain.checks import validate
 from dstrain.config import LauncherConfig, TrainConfig
 from dstrain.distributed import EXPECTED_NODES, EXPECTED_RANKS_PER_NODE
 from dstrain.errors import ConfigError, ExitCode, SlurmError
+from dstrain.runlock import check_run_dir_free, job_comment
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "launch" / "slurm" / "job.sbatch.template"
@@ -65,6 +66,7 @@ MANAGED_OPTIONS = {
     "--open-mode": "the requeue (append: a requeued run adds to the log)",
     "--chdir": "the directory you submit from", "-D": "the directory you submit from",
     "--hold": "the submission (held until the run directory exists)", "-H": "the submission",
+    "--comment": "run.root and run.name (dstrain.runlock finds the job by it)",
 }
 
 
@@ -312,6 +314,8 @@ def render(plan: JobPlan, command: str) -> str:
         "--open-mode=append",
         f"--output={run_dir / 'slurm-%j.out'}",
         f"--chdir={Path.cwd()}",
+        # Marks the job's run directory, so that the next submit sees it is taken (dstrain.runlock).
+        *([f"--comment={job_comment(run_dir)}"] if plan.run_name else []),
         *launcher.extra_sbatch,
     ]
     environment = {"PYTHONUNBUFFERED": "1"}
@@ -372,6 +376,8 @@ def submit(overrides: Sequence[str], dry_run: bool) -> None:
         print(script, end="")
         return
 
+    if plan.run_name:  # without it the run directory is slurm-<new job id>, which no other run can use
+        check_run_dir_free(plan.run_dir(), shutil.which("squeue"))
     # Held until its run directory exists: the log is written there, and SLURM does not create directories.
     job_id = _slurm([sbatch, "--parsable", "--hold"], "sbatch", stdin=script).strip().split(";")[0]
     try:

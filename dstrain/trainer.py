@@ -26,6 +26,7 @@ from deepspeed.accelerator import get_accelerator
 from dstrain.adapters import warn_about_random_base
 from dstrain.checkpoint import CheckpointManager, TrainState
 from dstrain.checks import validate, validate_accelerator
+from dstrain.compose import save_run_config
 from dstrain.config import TrainConfig, flatten
 from dstrain.data import Batch, BatchPlan, build_tokenizer, counted_tokens, eval_batches, packed_blocks
 from dstrain.deepspeed_config import build_deepspeed_config
@@ -39,6 +40,7 @@ from dstrain.metrics import MetricsLogger
 from dstrain.model import build_model, model_fingerprint, parameter_counts
 from dstrain.optim import warmup_cosine_schedule, weight_decay_groups
 from dstrain.preemption import StopSignal
+from dstrain.runlock import hold_run_dir
 from dstrain.watchdog import ProgressWatchdog
 
 log = logging.getLogger("dstrain")
@@ -50,12 +52,13 @@ def train(cfg: TrainConfig, run_dir: Path, on_step_end: Optional[Callable[[int],
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
     rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
-    with StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
+    # One live run per run directory: rank 0 locks it, and every rank refuses together if it could not.
+    with hold_run_dir(run_dir, rank), StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
         training = setup(cfg, run_dir, rank, world_size)
         finished = run(training, stop_signal, on_step_end)
-    training.metrics.close()
-    training.engine.destroy()
-    dist.barrier()
+        training.metrics.close()
+        training.engine.destroy()
+        dist.barrier()
     return finished
 
 
@@ -109,6 +112,8 @@ class StepResult:
 
 def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Training:
     setup_logging(rank, run_dir)
+    if rank == 0:
+        save_run_config(cfg, run_dir)
     require_same_on_all_ranks({"config": asdict(cfg), "run_dir": str(run_dir)}, "configs or run directories")
     seed_everything(cfg.trainer.seed)
     ds_config = build_deepspeed_config(cfg, world_size)

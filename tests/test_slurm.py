@@ -151,6 +151,7 @@ def test_gpu_job_with_every_launcher_setting(tmp_path, monkeypatch, capsys):
         "--job-name=llama", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=a100:8", "--cpus-per-task=8",
         "--mem=0", "--partition=gpu", "--account=proj1", "--qos=high", "--time=1-12:00:00", "--signal=TERM@600",
         "--no-requeue", "--open-mode=append", f"--output={tmp_path}/outputs/big/slurm-%j.out", f"--chdir={tmp_path}",
+        f"--comment=dstrain:{tmp_path}/outputs/big",
         "--constraint=h100", "--mail-type=END",  # a list on the command line replaces gpu8.yaml's [--exclusive]
     ]
     assert "RUN_NAME=big" in script and "REQUEUE=0" in script and "DS_ACCELERATOR" not in script
