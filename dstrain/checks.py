@@ -24,8 +24,10 @@ def check_choices(node, prefix: str = "") -> None:
             check_choices(value, f"{prefix}{spec.name}.")
         elif "choices" in spec.metadata:
             allowed = allowed_values(spec)
-            if value not in allowed:
-                raise ConfigError(f"{prefix}{spec.name}={value!r} is not one of {allowed}")
+            for item in value if isinstance(value, list) else [value]:
+                if item not in allowed:
+                    where = f"{prefix}{spec.name}: {item!r}" if isinstance(value, list) else f"{prefix}{spec.name}={item!r}"
+                    raise ConfigError(f"{where} is not one of {allowed}")
 
 
 def validate(cfg: TrainConfig) -> None:

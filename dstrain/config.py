@@ -5,7 +5,7 @@ so a bare run uses these defaults, `+model=7b` merges `conf/model/7b.yaml` over 
 that is not declared here is rejected by OmegaConf before training starts.
 
 A field whose value is one of a few names says so next to it: `one_of(default, names...)` for fixed names, or
-`one_of(default, registry="module:NAME")` for the choice axes whose components live in a registry
+`one_of(default, registry="module:NAME")` (`some_of` for lists) for the choice axes whose components live in a registry
 (dstrain.registry): PEFT methods, data sources, evaluators. dstrain.checks.validate checks every such field.
 """
 
@@ -20,6 +20,11 @@ def one_of(default, *names, registry: Optional[str] = None):
     """A field that must be one of `names`, or one of the names registered in `registry` ("module:ATTRIBUTE",
     imported only when validating, so that composing a config stays light)."""
     return field(default=default, metadata={"choices": names, "registry": registry})
+
+
+def some_of(default: List[str], registry: str):
+    """A list field whose every item is one of the names registered in `registry`."""
+    return field(default_factory=lambda: list(default), metadata={"choices": (), "registry": registry})
 
 
 @dataclass
@@ -182,7 +187,7 @@ class TrainerConfig:
     # Validation micro-batches per rank per evaluation.
     eval_batches: int = 8
     # What an evaluation reports (dstrain.evaluation.EVALUATORS).
-    eval_metrics: List[str] = field(default_factory=lambda: ["perplexity"])
+    eval_metrics: List[str] = some_of(["perplexity"], registry="dstrain.evaluation:EVALUATORS")
     # Save a checkpoint every this many steps (0: only after the last step or a stop signal).
     save_every: int = 100
     # Checkpoints kept: the newest keep_last (0 keeps all), plus every keep_every-th step (0: none) forever.
@@ -246,15 +251,17 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
-    # Checkpoints, metrics and the composed config go to <root>/<name>. The name is derived from the
-    # command-line overrides, so every rank and every restart of the same command finds the same directory.
+    # Checkpoints, metrics and the composed config go to <root>/<name>.
     root: str = "outputs"
+    # The run directory's name; by default derived from the command-line overrides, so every rank and every
+    # restart of the same command finds the same directory.
     name: str = "${dstrain_run_name:}"
 
 
 @dataclass
 class LauncherConfig:
     # Read by `dstrain submit` (dstrain/slurm.py, which checks it); training itself ignores it.
+
     # Nodes to allocate.
     nodes: int = 1
     # Ranks per node, one GPU each. With device=cpu: CPU processes per node, and no GPU is requested.
@@ -267,9 +274,11 @@ class LauncherConfig:
     cpus_per_task: Optional[int] = None
     # Memory per node in sbatch's --mem form ("200G"); None: the cluster's default.
     mem: Optional[str] = None
-    # None: the cluster's default partition, account and QoS.
+    # The SLURM partition; None: the cluster's default.
     partition: Optional[str] = None
+    # The account charged; None: your default account.
     account: Optional[str] = None
+    # The quality of service; None: the account's default.
     qos: Optional[str] = None
     # SLURM's --time ("HH:MM:SS", "D-HH:MM:SS", minutes); None: the partition's default.
     time: Optional[str] = None
@@ -279,6 +288,7 @@ class LauncherConfig:
     extra_sbatch: List[str] = field(default_factory=list)
     # Sent to every rank signal_lead_s before the time limit: dstrain saves at the next step boundary and
     # exits with 75, and with requeue the job goes back into the queue and resumes from that checkpoint.
+    # The signals dstrain.preemption stops on.
     signal: str = one_of("USR1", "USR1", "TERM")
     signal_lead_s: int = 300
     # Requeue the job when it stopped after the signal (exit 75).
@@ -287,16 +297,27 @@ class LauncherConfig:
 
 @dataclass
 class TrainConfig:
+    # The architecture and where the weights come from (+model=...).
     model: ModelConfig = field(default_factory=ModelConfig)
+    # ZeRO partitioning and offload (+zero=...).
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    # Compute dtype and fp16 loss scaling (+precision=...).
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # Which weights train: all, or an adapter (+peft=...).
     peft: PeftConfig = field(default_factory=PeftConfig)
+    # The optimizer (+optim=...).
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # The LR schedule (+scheduler=...).
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Training and validation data (+data=...).
     data: DataConfig = field(default_factory=DataConfig)
+    # The loop: batch sizes, steps, evaluation, checkpoints, fault handling (+trainer=...).
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Metrics file and trackers (+logger=...).
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    # Where the run directory is.
     run: RunConfig = field(default_factory=RunConfig)
+    # The SLURM job `dstrain submit` asks for (+launcher=...).
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
