@@ -96,3 +96,14 @@ def test_every_key_the_readme_config_table_names_is_in_the_schema():
                 assert _declared(node, key), f"README's {group} row names {token}, not in the schema"
             else:
                 assert "." in key, f"README's {group} row names `{token}`: neither a {group}.* key nor an option"
+
+
+def test_the_readme_exit_codes_are_the_exit_code_enum_and_the_example_job_script_agrees():
+    from dstrain.errors import ExitCode
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("| exit code | meaning | what to do |", 1)[1].split("\n\n", 1)[0]
+    codes = [int(line.split("|")[1]) for line in table.strip().splitlines()[1:]]
+    assert codes == sorted(int(code) for code in ExitCode)
+    example = (REPO / "launch" / "slurm" / "train.sbatch").read_text()
+    assert f'if [ "$status" -eq {int(ExitCode.PREEMPTED)} ]; then' in example
