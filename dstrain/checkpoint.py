@@ -37,8 +37,9 @@ MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
 UNIVERSAL = "universal"
 CONVERTED = "conversion_complete"
-# Settings that say how to start, not what is trained: a change in these is not worth a warning.
-RESUME_INDEPENDENT_KEYS = {"trainer.resume"}
+# Settings that say how to start or where the run lives, not what is trained: a change in these is not worth
+# a warning.
+RESUME_INDEPENDENT_KEYS = {"trainer.resume", "run.root", "run.name"}
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,8 +73,17 @@ def start_ranks_without_a_launcher(tmp_path: Path, overrides_per_rank) -> list:
     return processes
 
 
-# A 2-rank run heavy enough (about 0.1-0.3 s a step here) that a test can act between two steps.
-STANDARD_RUN = ("trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.micro_batch_size=32")
+# A 2-rank run heavy enough (about 0.1-0.3 s a step here) that a test can act between two steps. It evaluates
+# once, after the last step (2 batches), so that an export of its final checkpoint can be checked against
+# the eval loss the trained engine logged; evaluation draws no random numbers and changes no loss.
+STANDARD_RUN = (
+    "trainer.max_steps=24", "scheduler.warmup_steps=2", "trainer.eval_every=24", "trainer.eval_batches=2",
+    "trainer.micro_batch_size=32",
+)
+
+# A short 2-rank run (ZeRO-0, fp32) with checkpoints at steps 6 and 12: for tests that need a run directory
+# with checkpoints in it. They copy it (copy_run) before they change anything.
+CHECKPOINTED_RUN = ("trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.save_every=6")
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +100,24 @@ def shared_run(tmp_path_factory):
     return run
 
 
+def lora_run(pretrained) -> tuple:
+    """A LoRA fine-tune under ZeRO-3 with gradient checkpointing, from `pretrained` (tiny_pretrained_dir), that
+    evaluates after its last step; checked in training and exported."""
+    return (
+        f"model.pretrained={pretrained}", "+peft=lora", "+zero=3", "trainer.gradient_checkpointing=true",
+        "optim.lr=1e-2", "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=12",
+        "trainer.eval_batches=2", "trainer.save_every=0",
+    )
+
+
+def copy_run(run_dir: Path, tmp_path: Path, name: str) -> Path:
+    """A copy of a (shared) run directory as `tmp_path/outputs/<name>`, where `train(tmp_path, ..., name=name)`
+    continues it; the shared run itself stays as it was."""
+    destination = tmp_path / "outputs" / name
+    shutil.copytree(run_dir, destination)
+    return destination
+
+
 SHARED_MEMORY = Path("/dev/shm")
 
 
@@ -103,9 +131,10 @@ def remove_deepspeed_shared_memory():
         leftover.unlink(missing_ok=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_pretrained_dir(tmp_path_factory):
-    """A Hugging Face directory (weights and tokenizer) written by the test itself: no hub needed."""
+    """A Hugging Face directory (weights and tokenizer) written by the test itself: no hub needed. One per
+    session, read only, so that runs that start from it can be shared runs."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import _env, train
+from conftest import STANDARD_RUN, _env, lora_run, train
 
-SHORT = (
-    "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=12", "trainer.eval_batches=2",
-    "trainer.save_every=0",
-)
+# Both the shared STANDARD_RUN and lora_run evaluate 2 batches after their last step.
 EVAL_BATCHES = 2
-LAST_CHECKPOINT = Path("checkpoints") / "step_00000012"
+STANDARD_STEPS, STANDARD_MICRO_BATCH = 24, 32
+LORA_STEPS, LORA_MICRO_BATCH = 12, 8
+# bf16 forward passes in this process and in the trained engine's ranks (other thread counts) need not sum
+# in the same order.
+BF16_REL = 1e-3
 
 
 def _dstrain_command() -> list:
@@ -44,13 +45,17 @@ def _export_ok(*args) -> subprocess.CompletedProcess:
     return completed
 
 
-def _logged_final_eval_loss(run) -> float:
+def _checkpoint(step: int) -> Path:
+    return Path("checkpoints") / f"step_{step:08d}"
+
+
+def _logged_final_eval_loss(run, step: int) -> float:
     rows = [row for row in run.metrics() if "eval_loss" in row]
-    assert rows and rows[-1]["step"] == 12, rows
+    assert rows and rows[-1]["step"] == step, rows
     return rows[-1]["eval_loss"]
 
 
-def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: int = 2) -> float:
+def _eval_loss_like_the_trainer(model, tokenizer, micro_batch_size: int, pretrained=None, world_size: int = 2) -> float:
     """The trainer's evaluation: the loss per predicted token over every rank's eval batches, computed here
     with the model's own (mean) loss."""
     from dstrain.config import TrainConfig
@@ -63,7 +68,7 @@ def _eval_loss_like_the_trainer(model, tokenizer, pretrained=None, world_size: i
     total, tokens = 0.0, 0
     with torch.no_grad():
         for rank in range(world_size):
-            batches = list(eval_batches(val_blocks, cfg.trainer.micro_batch_size, world_size, rank, EVAL_BATCHES))
+            batches = list(eval_batches(val_blocks, micro_batch_size, world_size, rank, EVAL_BATCHES))
             assert len(batches) == EVAL_BATCHES
             for batch in batches:
                 predicted = batch["input_ids"][:, 1:].numel()
@@ -83,21 +88,31 @@ def _first_training_batch(tokenizer, pretrained):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["0", "3"])
-def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, zero):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("zero", ["0", "1", "2", "3"])
+def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, shared_run, zero, precision):
+    """Every ZeRO stage and precision, from the shared runs test_training checks. A bf16 engine evaluated with
+    its bf16 weights: the exported model, cast to bf16 as DeepSpeed casts the module, must give that loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = train(tmp_path, f"+zero={zero}", *SHORT)
+    run = shared_run(*STANDARD_RUN, f"+zero={zero}", f"+precision={precision}")
     out = tmp_path / "exported"
-    completed = _export_ok(run.run_dir / LAST_CHECKPOINT, out)
-    assert f"exported the model of step 12 (ZeRO-{zero}, trained in fp32)" in completed.stdout
+    completed = _export_ok(run.run_dir / _checkpoint(STANDARD_STEPS), out)
+    assert f"exported the model of step {STANDARD_STEPS} (ZeRO-{zero}, trained in {precision})" in completed.stdout
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not list(tmp_path.glob(".exported*")), "the staging directory is left behind"
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.use_cache, "an exported model generates with the KV cache"
-    assert _eval_loss_like_the_trainer(model, tokenizer) == pytest.approx(_logged_final_eval_loss(run), rel=1e-5)
+    logged = _logged_final_eval_loss(run, STANDARD_STEPS)
+    if precision == "bf16":
+        evaluated = _eval_loss_like_the_trainer(model.to(torch.bfloat16), tokenizer, STANDARD_MICRO_BATCH)
+        assert evaluated == pytest.approx(logged, rel=BF16_REL)
+        return
+    assert _eval_loss_like_the_trainer(model, tokenizer, STANDARD_MICRO_BATCH) == pytest.approx(logged, rel=1e-5)
+    if zero not in ("0", "3"):
+        return
 
     # The directory is a pretrained model for dstrain too: step 1's loss is the exported model's own loss.
     again = train(
@@ -110,7 +125,7 @@ def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, zero):
     assert again.losses()[1] == pytest.approx(expected, rel=1e-5)
 
     # Exporting over a finished export is refused, and leaves it alone.
-    repeated = _export(run.run_dir / LAST_CHECKPOINT, out)
+    repeated = _export(run.run_dir / _checkpoint(STANDARD_STEPS), out)
     assert repeated.returncode == 2
     assert f"dstrain: config error: the output directory {out} already exists and is not empty" in repeated.stderr
     assert "Traceback" not in repeated.stderr
@@ -118,16 +133,13 @@ def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, zero):
 
 
 @pytest.mark.slow
-def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, tiny_pretrained_dir):
+def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, shared_run, tiny_pretrained_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = train(
-        tmp_path, f"model.pretrained={tiny_pretrained_dir}", "+peft=lora", "+zero=3",
-        "trainer.gradient_checkpointing=true", "optim.lr=1e-2", *SHORT,
-    )
+    run = shared_run(*lora_run(tiny_pretrained_dir))
     out = tmp_path / "exported"
-    completed = _export_ok(run.run_dir / LAST_CHECKPOINT, out, "--merged")
+    completed = _export_ok(run.run_dir / _checkpoint(LORA_STEPS), out, "--merged")
     assert "exported the adapter of step 12 (ZeRO-3, trained in fp32)" in completed.stdout
 
     adapter_config = json.loads((out / "adapter_config.json").read_text())
@@ -154,10 +166,12 @@ def test_lora_export_writes_a_usable_adapter_and_merged_model(tmp_path, tiny_pre
         merged_logits = merged(input_ids=input_ids).logits
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-5, rtol=0)
 
-    logged = _logged_final_eval_loss(run)
+    logged = _logged_final_eval_loss(run, LORA_STEPS)
     pretrained = str(tiny_pretrained_dir)
-    assert _eval_loss_like_the_trainer(with_adapter, tokenizer, pretrained) == pytest.approx(logged, rel=1e-5)
-    assert _eval_loss_like_the_trainer(merged, tokenizer, pretrained) == pytest.approx(logged, rel=1e-5)
+    evaluated = _eval_loss_like_the_trainer(with_adapter, tokenizer, LORA_MICRO_BATCH, pretrained)
+    assert evaluated == pytest.approx(logged, rel=1e-5)
+    evaluated = _eval_loss_like_the_trainer(merged, tokenizer, LORA_MICRO_BATCH, pretrained)
+    assert evaluated == pytest.approx(logged, rel=1e-5)
 
 
 @pytest.mark.slow

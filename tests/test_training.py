@@ -7,9 +7,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import STANDARD_RUN, train
+from conftest import CHECKPOINTED_RUN, STANDARD_RUN, TRAIN, _env, copy_run, lora_run, train
 
 SHORT = ("trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", "trainer.save_every=0")
+DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_MIN_LR_RATIO = 1e-3, 10, 0.1
+
+
+def _lr_after(step: int, lr: float, warmup: int, max_steps: int, min_lr_ratio: float) -> float:
+    """The README's schedule: linear warmup to lr over `warmup` optimizer steps, then a half cosine down to
+    min_lr_ratio * lr at max_steps. The metrics row of step s logs the LR after s updates, the one step s + 1
+    uses: update k (1-based) uses k / warmup of lr during warmup, so after s updates the LR is (s + 1) / warmup
+    of lr while s < warmup; the cosine then runs over steps warmup .. max_steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / (max_steps - warmup)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def _assert_lr_schedule(metrics: list, steps, lr: float, warmup: int, max_steps: int, min_lr_ratio: float):
+    logged = {row["step"]: row["lr"] for row in metrics if "lr" in row}
+    assert sorted(logged) == list(steps)
+    for step in steps:
+        expected = _lr_after(step, lr, warmup, max_steps, min_lr_ratio)
+        assert logged[step] == pytest.approx(expected, rel=1e-9, abs=1e-15), f"step {step}"
 
 
 def _assert_learns(losses: dict, steps: int):
@@ -29,6 +49,8 @@ def test_two_ranks_train_with_every_zero_stage_and_precision(shared_run, zero, p
     assert "global batch: 64 sequences" in run.output
     assert run.output.count("run directory:") == 1, "only rank 0 reports"
     assert (run.run_dir / "checkpoints" / "step_00000024" / "manifest.json").is_file()
+    # Every ZeRO stage and precision wraps the optimizer differently; each steps the schedule once a step.
+    _assert_lr_schedule(run.metrics(), range(1, 25), lr=DEFAULT_LR, warmup=2, max_steps=24, min_lr_ratio=0.1)
     if zero == "3":
         assert "ZeRO-3: 21 of 21 parameter tensors partitioned as they were built" in run.output
 
@@ -62,13 +84,10 @@ def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_under_zero3_with_gradient_checkpointing(tmp_path, tiny_pretrained_dir):
+def test_lora_under_zero3_with_gradient_checkpointing(shared_run, tiny_pretrained_dir):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    run = train(
-        tmp_path, f"model.pretrained={tiny_pretrained_dir}", "+peft=lora", "+zero=3",
-        "trainer.gradient_checkpointing=true", "optim.lr=1e-2", *SHORT,
-    )
+    run = shared_run(*lora_run(tiny_pretrained_dir))
     assert re.search(r"parameters, [\d,]+ trainable", run.output)
     trained = get_fp32_state_dict_from_zero_checkpoint(str(run.run_dir / "checkpoints"), tag="step_00000012")
     original = load_file(tiny_pretrained_dir / "model.safetensors")
@@ -88,23 +107,29 @@ def test_lora_under_zero3_with_gradient_checkpointing(tmp_path, tiny_pretrained_
         assert torch.equal(base[name], tensor), f"frozen weight {name} changed"
 
 
-@pytest.mark.slow
-def test_default_run_learns_saves_and_resumes(tmp_path):
-    """`deepspeed launch/train.py` exactly as a new user types it, then a longer run that picks it up."""
-    from conftest import TRAIN, _env
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`deepspeed launch/train.py` exactly as a new user types it: 200 steps. Tests only read it."""
     import subprocess
 
+    directory = tmp_path_factory.mktemp("default")
     completed = subprocess.run(
-        ["deepspeed", str(TRAIN)], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        ["deepspeed", str(TRAIN)], cwd=directory, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-4000:]
-    run_dir = tmp_path / "outputs" / "default"
+    return completed, directory / "outputs" / "default"
+
+
+@pytest.mark.slow
+def test_default_run_learns_saves_and_resumes(default_run, tmp_path):
+    """The default run learns and saves; a longer run of the same directory then picks it up at step 200."""
+    import json
+
+    completed, run_dir = default_run
     assert (run_dir / "checkpoints" / "step_00000200" / "manifest.json").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "parameters" in completed.stdout and "eval_perplexity" in completed.stdout
-
-    import json
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in rows if "loss" in row]
@@ -113,32 +138,88 @@ def test_default_run_learns_saves_and_resumes(tmp_path):
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
     assert evals[-1] < evals[0]
 
+    # Two more steps in a copy of the directory (the same run name, as the bare command's run would have).
+    copy_run(run_dir, tmp_path, "default")
+    longer = train(tmp_path, "trainer.max_steps=202", name="default")
+    assert "resumed from" in longer.output and "at step 200" in longer.output, longer.output[-4000:]
+    assert "trainer.max_steps: 200 -> 202" in longer.output
+    rows = longer.metrics()
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 203)), "it must continue at step 201"
+    resumed = [row for row in rows if "loss" in row and row["step"] > 200]
+    # The weights came back (a fresh model's loss is about 5.6) ...
+    assert all(row["loss"] < 0.5 * losses[0] for row in resumed), resumed
+    # ... and the LR schedule did (a restarted schedule would warm up again), now decaying to step 202.
+    _assert_lr_schedule(resumed, [201, 202], lr=DEFAULT_LR, warmup=DEFAULT_WARMUP, max_steps=202,
+                        min_lr_ratio=DEFAULT_MIN_LR_RATIO)
+    assert (tmp_path / "outputs" / "default" / "checkpoints" / "step_00000202" / "manifest.json").is_file()
+
 
 @pytest.mark.slow
-def test_resume_auto_continues_from_the_saved_step(tmp_path):
-    first = train(tmp_path, "trainer.max_steps=20", "trainer.save_every=10", "trainer.eval_every=0", name="resumed")
-    second = train(
-        tmp_path, "trainer.max_steps=30", "trainer.save_every=10", "trainer.eval_every=0", "trainer.resume=auto",
-        name="resumed",
-    )
-    assert "resumed from" in second.output and "at step 20" in second.output
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor_at_every_step(default_run):
+    """The default run logs the LR of all its 200 steps: 10 warmup steps, cosine down to 0.1 x lr."""
+    import json
+
+    _, run_dir = default_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    _assert_lr_schedule(rows, range(1, 201), lr=DEFAULT_LR, warmup=DEFAULT_WARMUP, max_steps=200,
+                        min_lr_ratio=DEFAULT_MIN_LR_RATIO)
+    lrs = [row["lr"] for row in rows if "lr" in row]
+    assert lrs[-1] == pytest.approx(DEFAULT_MIN_LR_RATIO * DEFAULT_LR, rel=1e-9), "the floor is reached at max_steps"
+    assert max(lrs) == pytest.approx(DEFAULT_LR, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_from_the_saved_step(tmp_path, shared_run):
+    # A copy of a run that saved at steps 6 and 12; the longer run must pick the newest, step 12.
+    copy_run(shared_run(*CHECKPOINTED_RUN).run_dir, tmp_path, "resumed")
+    longer = ("trainer.max_steps=18", *CHECKPOINTED_RUN[1:])
+    second = train(tmp_path, *longer, "trainer.resume=auto", name="resumed")
+    assert "resumed from" in second.output and "at step 12" in second.output
     steps = [row["step"] for row in second.metrics() if "loss" in row]
-    assert steps == list(range(1, 31)), "the second run must continue at step 21, not start over"
-    assert (first.run_dir / "checkpoints" / "step_00000030" / "manifest.json").is_file()
+    assert steps == list(range(1, 19)), "the second run must continue at step 13, not start over"
+    assert (second.run_dir / "checkpoints" / "step_00000018" / "manifest.json").is_file()
 
-    again = train(tmp_path, "trainer.max_steps=30", "trainer.save_every=10", "trainer.eval_every=0", name="resumed")
-    assert "at step 30" in again.output and "done: step 30 of 30" in again.output, "a finished run stays finished"
+    again = train(tmp_path, *longer, name="resumed")
+    assert "at step 18" in again.output and "done: step 18 of 18" in again.output, "a finished run stays finished"
 
 
 @pytest.mark.slow
-def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path):
-    train(tmp_path, "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0", name="kept")
-    again = train(
-        tmp_path, "trainer.max_steps=12", "scheduler.warmup_steps=2", "trainer.eval_every=0",
-        "trainer.resume=never", name="kept", check=False,
-    )
+def test_resume_never_refuses_to_overwrite_checkpoints(tmp_path, shared_run):
+    copy_run(shared_run(*CHECKPOINTED_RUN).run_dir, tmp_path, "kept")
+    again = train(tmp_path, *CHECKPOINTED_RUN, "trainer.resume=never", name="kept", check=False)
     assert again.returncode != 0
     assert "already holds checkpoints" in again.output and "trainer.resume=auto" in again.output
+
+
+@pytest.mark.slow
+def test_gradient_clipping_scales_the_update_to_the_threshold(tmp_path):
+    """Clipping seen from outside, on one process. With optim.eps far above every gradient element, Adam's
+    first update is lr * g / (|g| + eps), nearly lr / eps * g: proportional to the gradient, so clipping the
+    gradient norm N to c must give the update of an unclipped run with lr scaled by c / N. Step 2's loss,
+    measured on the same batch with the weights after that update, tells the three runs apart."""
+    common = (
+        "trainer.max_steps=2", "scheduler.warmup_steps=1", "trainer.eval_every=0", "trainer.save_every=0",
+        "optim.weight_decay=0", "optim.eps=1000", "optim.lr=100",
+    )
+    clip = 0.24  # about a tenth of step 1's gradient norm (2.39)
+    unclipped = train(tmp_path, *common, "trainer.gradient_clipping=0", ranks=0, name="unclipped").metrics()
+    clipped = train(tmp_path, *common, f"trainer.gradient_clipping={clip}", ranks=0, name="clipped").metrics()
+    norm = unclipped[0]["grad_norm"]
+    # The same weights and batch at step 1, and the logged norm is the one before clipping.
+    assert clipped[0]["loss"] == unclipped[0]["loss"]
+    assert clipped[0]["grad_norm"] == norm and norm > 5 * clip, (norm, clip)
+    scaled = train(
+        tmp_path, *common[:-1], f"optim.lr={100 * clip / norm!r}", "trainer.gradient_clipping=0", ranks=0,
+        name="scaled",
+    ).metrics()
+    assert scaled[0]["loss"] == unclipped[0]["loss"] and scaled[0]["grad_norm"] == norm
+
+    step2 = {name: run[1]["loss"] for name, run in
+             (("unclipped", unclipped), ("clipped", clipped), ("scaled", scaled))}
+    assert all(run[1]["step"] == 2 for run in (unclipped, clipped, scaled))
+    effect = abs(step2["unclipped"] - step2["scaled"])
+    assert effect > 0.05, step2
+    assert abs(step2["clipped"] - step2["scaled"]) < 1e-3 * effect, step2
 
 
 @pytest.mark.slow
@@ -166,9 +247,11 @@ def test_pretrained_directory_loads_and_trains(tmp_path, tiny_pretrained_dir):
 
 
 @pytest.mark.slow
-def test_checkpoint_from_another_model_is_refused(tmp_path):
-    train(tmp_path, *SHORT, name="shape")
-    wider = train(tmp_path, *SHORT, "model.hidden_size=128", "trainer.resume=auto", name="shape", check=False)
+def test_checkpoint_from_another_model_is_refused(tmp_path, shared_run):
+    copy_run(shared_run(*CHECKPOINTED_RUN).run_dir, tmp_path, "shape")
+    wider = train(
+        tmp_path, *CHECKPOINTED_RUN, "model.hidden_size=128", "trainer.resume=auto", name="shape", check=False
+    )
     assert wider.returncode != 0
     assert "is from another model" in wider.output
     assert "[258, 64] in the checkpoint but [258, 128] in this model" in wider.output
