@@ -51,7 +51,9 @@ def train(cfg: TrainConfig, run_dir: Path, on_step_end: Optional[Callable[[int],
     on_step_end(step) is called as soon as each step's loss is known on every rank (the benchmarks' clock)."""
     validate(cfg)
     validate_accelerator(cfg, get_accelerator())
-    rank, world_size = init_distributed(timedelta(seconds=cfg.trainer.collective_timeout_s))
+    # The watchdog decides, after collective_timeout_s, that a peer hung (and exits with its own code); the
+    # backend's timeout is a backstop behind it, so that it never races the watchdog.
+    rank, world_size = init_distributed(timedelta(seconds=2 * cfg.trainer.collective_timeout_s))
     # One live run per run directory: rank 0 locks it, and every rank refuses together if it could not.
     with hold_run_dir(run_dir, rank), StopSignal(cfg.trainer.stop_grace_s) as stop_signal:
         training = setup(cfg, run_dir, rank, world_size)
