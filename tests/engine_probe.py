@@ -246,6 +246,8 @@ def observe_engine(training) -> dict:
         "cpu_offload": getattr(optimizer, "cpu_offload", None),
         "offload_optimizer": getattr(optimizer, "offload_optimizer", None),
         "offload_param": getattr(optimizer, "offload_param", None),
+        "offload_pin_memory": getattr(optimizer, "cpu_offload_pin_memory",
+                                      getattr(optimizer, "offload_optimizer_pin_memory", None)),
         "param_offload_device": str(getattr(getattr(optimizer, "parameter_offload", None), "offload_device", None)),
         # ZeRO-3: parameters that are partitioned and released between forwards (no whole copy held).
         "released_at_rest": sum(hasattr(p, "ds_id") and p.numel() == 0 for p in module_params),

@@ -166,6 +166,10 @@ def test_zero_2_offload_steps_with_deepspeeds_cpu_adam_on_the_fp32_partitions(ob
     assert offload["inner_is_cpu_adam"] is True and offload["inner_optimizer"] == "DeepSpeedCPUAdam"
     assert plain["cpu_offload"] is False and plain["engine_zero_cpu_offload"] is False
     assert plain["inner_is_cpu_adam"] is False
+    assert offload["offload_pin_memory"] is True
+    # The step ran through it: the CPU Adam stepped every fp32 partition once.
+    assert observed("z2_offload")["step"]["applied"]["calls"] >= 1
+    assert observed("z2_offload")["step"]["applied"]["stepped_twice"] == 0
     # The CPU Adam's states (exp_avg, exp_avg_sq) are those of the fp32 partitions, in host memory.
     assert masters_cover_the_model(offload), offload
     assert offload["state_tensor_devices"] == ["cpu"]
@@ -180,7 +184,10 @@ def test_zero_3_offload_puts_parameters_and_optimizer_on_the_cpu(observed):
     assert offload["offload_optimizer"] is True and offload["offload_param"] is True
     assert offload["param_offload_device"] == "cpu"
     assert offload["engine_zero_cpu_offload"] is True and offload["engine_zero_offload_param"] is True
-    assert offload["inner_is_cpu_adam"] is True
+    assert offload["inner_is_cpu_adam"] is True and offload["offload_pin_memory"] is True
+    assert observed("z3_offload")["step"]["applied"]["calls"] >= 1
+    # Parameters partitioned and released between forwards (to the CPU, with offload_param).
+    assert offload["released_at_rest"] == offload["module_param_count"] > 0
     assert plain["offload_optimizer"] is False and plain["offload_param"] is False
     assert plain["param_offload_device"] != "cpu" and plain["inner_is_cpu_adam"] is False
     assert masters_cover_the_model(offload), offload
@@ -228,7 +235,7 @@ def test_lora_adapters_train_under_checkpointing(observed, case):
 @pytest.mark.parametrize("case, limit", [
     ("z0_fp32_checkpointing", CLIP), ("z2_fp32", CLIP),
     # trainer.gradient_clipping's default, 1.0, under bf16 and ZeRO-3.
-    ("z1_bf16", 1.0), ("z3_bf16", 1.0), ("z3_offload", 1.0),
+    ("z0_bf16", 1.0), ("z1_bf16", 1.0), ("z2_bf16", 1.0), ("z3_bf16", 1.0), ("z2_offload", 1.0), ("z3_offload", 1.0),
 ])
 def test_clipping_bounds_the_applied_gradient_norm(observed, case, limit):
     step = observed(case)["step"]
