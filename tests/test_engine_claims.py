@@ -8,6 +8,7 @@ the pytest process would outlive the test; the tests below read its observations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,9 @@ PARTITIONED = "zero.stage3_param_persistence_threshold=0"
 # ZeRO-3 cases, which build their models inside deepspeed.zero.Init, have a process of their own.
 CASES = {
     "z0_fp32": ("zero0", "decay,step,engine", (*DECAY, "trainer.gradient_clipping=0")),
-    "z0_fp32_checkpointing": ("zero0", "step,engine",
-                              ("trainer.gradient_checkpointing=true", f"trainer.gradient_clipping={CLIP}")),
+    # Two micro-batches per step: the recomputation is counted per micro-batch.
+    "z0_fp32_checkpointing": ("zero0", "step,engine", ("trainer.gradient_checkpointing=true",
+                              "trainer.gradient_accumulation_steps=2", f"trainer.gradient_clipping={CLIP}")),
     "z0_lora_checkpointing": ("zero0", "step,engine", ("+peft=lora", "trainer.gradient_checkpointing=true")),
     "z0_bf16": ("zero0", "step,engine", ("+precision=bf16",)),
     "z1_bf16": ("zero12", "step,engine", ("+zero=1", "+precision=bf16")),
@@ -61,10 +63,10 @@ def observed(tmp_path_factory):
                 if case_group == group:
                     argv += ["--case", case, checks, *SMALL, *overrides]
             root = tmp_path_factory.mktemp(group)
+            # The first run with offload compiles DeepSpeed's CPU Adam (minutes, once per extensions cache).
             completed = subprocess.run(
-                [sys.executable, str(PROBE), str(root), *argv], cwd=root, stdout=subprocess.PIPE,
+                [sys.executable, str(PROBE), str(root), *argv], cwd=root, env=_env(), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, timeout=900,
-                env=_env(),
             )
             if completed.returncode != 0:
                 pytest.fail(f"probe {group} failed ({completed.returncode}):\n{completed.stdout[-6000:]}")
@@ -75,8 +77,6 @@ def observed(tmp_path_factory):
 
 
 def _env() -> dict:
-    import os
-
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for launcher_variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
@@ -209,6 +209,7 @@ def test_without_checkpointing_each_decoder_layer_runs_once(observed):
 @pytest.mark.parametrize("case", ["z0_fp32_checkpointing", "z0_lora_checkpointing", "z3_lora_checkpointing"])
 def test_checkpointing_recomputes_each_decoder_layer_in_the_backward_pass(observed, case):
     step = observed(case)["step"]
+    assert step["micro_batches"] == (2 if case == "z0_fp32_checkpointing" else 1)
     assert every_layer(step, forward=1, backward=1), step["body_runs_per_layer"]
 
 
