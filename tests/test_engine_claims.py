@@ -2,7 +2,7 @@
 own `setup` builds (world size 1, no launcher): bf16 really on, CPU offload really on, gradient checkpointing
 really recomputing, gradient clipping really clipping, and no weight decay on norms and biases.
 
-Each group of configurations runs once, in its own process (tests/engine_probe.py), because a process group in
+Each group of configurations runs once, in its own process (tests/probes/engine_probe.py), because a process group in
 the pytest process would outlive the test; the tests below read its observations.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-PROBE = Path(__file__).resolve().parent / "engine_probe.py"
+PROBE = Path(__file__).resolve().parent / "probes" / "engine_probe.py"
 REPO = PROBE.parent.parent
 
 SMALL = ("trainer.eval_every=0", "trainer.micro_batch_size=2", "data.seq_len=64")
