@@ -118,11 +118,15 @@ class WandbSink:
             self._run.finish()
 
 
+# Kept in the sinks for checking a run afterwards, not worth a place on the console.
+NOT_ON_CONSOLE = {"batch_digest"}
+
+
 def _format(metrics: Dict[str, float]) -> str:
     """One console line; per-rank values (memory_gb/rank3) stay in the sinks, the console gets their maximum."""
     parts = []
     for key, value in metrics.items():
-        if "/rank" in key:
+        if "/rank" in key or key in NOT_ON_CONSOLE:
             continue
         if isinstance(value, float):
             parts.append(f"{key}={value:.4g}" if abs(value) < 1e4 else f"{key}={value:.0f}")

@@ -10,6 +10,7 @@ import math
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -110,6 +111,8 @@ class StepResult:
     stop: bool
     # Whether DeepSpeed dropped the update (an overflow under fp16, or a NaN/inf it caught).
     update_skipped: bool
+    # A checksum of the tokens this rank read (rank 0's is logged): a resumed run must read the same.
+    batch_digest: int
 
 
 def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Training:
@@ -239,7 +242,8 @@ def train_step(t: Training, batches: List[Batch], stop_requested: bool) -> StepR
     grad_norm = float(engine.get_global_grad_norm() if grad_norm is None else grad_norm)
     # One collective carries both the loss and whether any rank was told to stop.
     loss_sum, stops = sum_over_ranks([torch.stack(micro_losses).mean(), float(stop_requested)], device)
-    return StepResult(loss_sum / t.world_size, grad_norm, bool(stops), engine.skipped_steps > skipped_before)
+    return StepResult(loss_sum / t.world_size, grad_norm, bool(stops), engine.skipped_steps > skipped_before,
+                      batch_digest(batches))
 
 
 def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: int) -> bool:
@@ -248,13 +252,12 @@ def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: 
     finite = math.isfinite(result.loss) and (math.isfinite(result.grad_norm) or t.cfg.precision.dtype == "fp16")
     tokens_per_s = t.plan.global_batch * t.cfg.data.seq_len / elapsed
     t.metrics.advance(step, result.loss, tokens_per_s)
-    lr = t.engine.get_lr()[0]
+    every_step = {"loss": result.loss, "lr": t.engine.get_lr()[0], "batch_digest": result.batch_digest}
     if not t.cadence.logs_in_full(step, finite):
-        t.metrics.log(step, {"loss": result.loss, "lr": lr}, echo=False)
+        t.metrics.log(step, every_step, echo=False)
         return finite
     t.metrics.log(step, {
-        "loss": result.loss,
-        "lr": lr,
+        **every_step,
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
         "samples_per_s": t.plan.global_batch / elapsed,
@@ -299,6 +302,15 @@ def check_nonfinite_step(step, result: StepResult, skipped_in_a_row, trainer, ch
     if rank == 0:
         log.warning("%s: update skipped, weights unchanged (%d in a row, trainer.nonfinite=skip)", what,
                     skipped_in_a_row)
+
+
+def batch_digest(batches: List[Batch]) -> int:
+    """CRC-32 of the tokens and labels of this rank's micro-batches (microseconds, on the CPU copies)."""
+    digest = 0
+    for batch in batches:
+        for key in sorted(batch):
+            digest = zlib.crc32(batch[key].numpy().tobytes(), digest)
+    return digest
 
 
 def replicated_grad_norm(module: torch.nn.Module) -> float:
