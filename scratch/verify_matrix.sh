@@ -5,7 +5,7 @@ NP=${NP:-2}
 BASE=${BASE:-/tmp/i13/m}
 i=0
 while read -r name overrides; do
-  [ -z "$name" ] && continue
+  { [ -z "$name" ] || [ "${name:0:1}" = "#" ]; } && continue
   echo "### $name: $overrides"
   W=$BASE/$name
   /work/wt13/scratch/resume_check.sh $W 12 $NP -- $overrides 2>&1 | grep -v Warn | sed 's/^/  fix on : /'
