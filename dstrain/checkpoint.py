@@ -30,6 +30,7 @@ from deepspeed.accelerator import get_accelerator
 
 from dstrain.distributed import all_ranks_agree
 from dstrain.errors import CheckpointError, ConfigError
+from dstrain.optim import replay_adam_bias_correction
 
 log = logging.getLogger("dstrain")
 
@@ -269,6 +270,7 @@ class CheckpointManager:
         )
         if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint at {path}")
+        replay_adam_bias_correction(engine)
         rng_file = path / f"rng_state_rank{self.rank}.pt"
         if manifest["world_size"] == self.world_size:
             _set_rng_state(torch.load(rng_file, weights_only=False))
