@@ -198,7 +198,7 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
             state = replace(state, step=step, samples_consumed=state.samples_consumed + t.plan.global_batch)
             if on_step_end is not None:
                 on_step_end(step)
-            elapsed, step_started = time.perf_counter() - step_started, time.perf_counter()
+            elapsed = time.perf_counter() - step_started
             finite = log_step(t, step, result, elapsed, epoch)
             skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
             if not finite:
