@@ -43,7 +43,7 @@ class CleanConfig:
     # Also train on the normalised text. Off by default: collapsing whitespace flattens the line breaks of
     # code, lists and dialogue, and NFKC turns Chinese full-width punctuation (，：？) into ASCII.
     train_on_normalized: bool = False
-    # Drop samples with fewer characters (Unicode code points, so one per Chinese character); 0: off.
+    # Drop samples of fewer characters (code points of the compared text: one per Chinese character); 0: off.
     min_chars: int = 0
     # Drop samples with more characters; 0: off.
     max_chars: int = 0
@@ -172,17 +172,14 @@ def clean(dataset: datasets.Dataset, cfg: CleanConfig, report: CleaningReport) -
     """The rows that pass every enabled step, in their original order, with the report filled in.
     Raises ConfigError for bad settings and DataError for a missing or non-string text."""
     cfg.check()
-    if report.rows_in is None:
-        report.rows_in = len(dataset)
     keyed = _with_comparison_text(dataset, cfg)
     near_duplicates = _NearDuplicates(cfg) if cfg.near_dedup else None
     steps = _steps(cfg, near_duplicates)
     kept_rows, drops = _scan(keyed, steps)
     remaining = len(keyed)
-    for name, reason, _ in steps:
-        report.record(name, reason, remaining, remaining - drops[reason])
-        remaining -= drops[reason]
-    report.rows_out = remaining
+    for step, (name, reason, _) in enumerate(steps):
+        report.record(name, reason, remaining, remaining - drops[step])
+        remaining -= drops[step]
     if near_duplicates is not None:
         report.near_duplicate_examples.extend(near_duplicates.examples(keyed))
     return keyed.select(kept_rows).remove_columns(_KEY_COLUMN)
@@ -196,7 +193,8 @@ def _steps(cfg: CleanConfig, near_duplicates: Optional["_NearDuplicates"]) -> Li
     if cfg.max_chars:
         steps.append((f"max_chars {cfg.max_chars:,}", "too long", lambda row, text: len(text) > cfg.max_chars))
     for pattern in cfg.drop_regex:
-        steps.append((f"drop_regex {pattern!r}", f"regex {pattern}", _matches(_compile(pattern))))
+        compiled = _compile(pattern)
+        steps.append((f"drop_regex {pattern!r}", f"regex {pattern}", lambda row, text, p=compiled: bool(p.search(text))))
     if cfg.exact_dedup:
         steps.append(("exact dedup", "exact duplicate", _ExactDuplicates()))
     if near_duplicates is not None:
@@ -204,18 +202,10 @@ def _steps(cfg: CleanConfig, near_duplicates: Optional["_NearDuplicates"]) -> Li
     return steps
 
 
-def _matches(pattern: "re.Pattern[str]") -> Callable[[int, str], bool]:
-    return lambda row, text: pattern.search(text) is not None
-
-
 def _with_comparison_text(dataset: datasets.Dataset, cfg: CleanConfig) -> datasets.Dataset:
     """The dataset with the text the steps compare in _KEY_COLUMN (and in the text column too, when the
     normalised text is what trains)."""
-    if TEXT_COLUMN not in dataset.column_names:
-        raise DataError(
-            f"the dataset to clean has no {TEXT_COLUMN!r} column (it has {dataset.column_names}). "
-            f"Build {TEXT_COLUMN!r} from each sample's turns before cleaning."
-        )
+    _require_column(dataset, TEXT_COLUMN, "Build it from each sample's turns before cleaning.")
 
     def add_key(batch: dict, indices: List[int]) -> dict:
         texts = batch[TEXT_COLUMN]
@@ -230,25 +220,32 @@ def _with_comparison_text(dataset: datasets.Dataset, cfg: CleanConfig) -> datase
             return {_KEY_COLUMN: keys, TEXT_COLUMN: keys}
         return {_KEY_COLUMN: keys}
 
+    if len(dataset) == 0:  # map() does not call add_key at all then, so the column would be missing.
+        return dataset.add_column(_KEY_COLUMN, [])
     return dataset.map(add_key, batched=True, batch_size=_BATCH_SIZE, with_indices=True, desc="normalize")
 
 
 def _scan(keyed: datasets.Dataset, steps: List[_Step]) -> Tuple[List[int], Counter]:
-    """One ordered pass: each row is dropped by the first step that rejects it, and later steps (the dedup
-    memories among them) never see it."""
+    """The rows kept, and the rows dropped by each step (by its index), in one ordered pass: each row is
+    dropped by the first step that rejects it, and later steps (the dedup memories among them) never see it."""
     kept_rows: List[int] = []
     drops: Counter = Counter()
     for row, text in enumerate(_column(keyed, _KEY_COLUMN)):
-        for _, reason, rejects in steps:
+        for step, (_, _, rejects) in enumerate(steps):
             if rejects(row, text):
-                drops[reason] += 1
+                drops[step] += 1
                 break
         else:
             kept_rows.append(row)
     return kept_rows, drops
 
 
-def _column(dataset: datasets.Dataset, column: str) -> Iterator[str]:
+def _require_column(dataset: datasets.Dataset, column: str, fix: str) -> None:
+    if column not in dataset.column_names:
+        raise DataError(f"the dataset has no {column!r} column (it has {dataset.column_names}). {fix}")
+
+
+def _column(dataset: datasets.Dataset, column: str) -> Iterator:
     """One column's values in row order, a batch at a time, so large datasets are not loaded at once."""
     for batch in dataset.select_columns([column]).iter(batch_size=_BATCH_SIZE):
         yield from batch[column]
@@ -334,11 +331,7 @@ def drop_by_token_count(
     """The rows whose token count in `counts_column` lies within [min_tokens, max_tokens] (0: no limit),
     in order, recorded in `report` as "too few tokens" and "too many tokens"."""
     _check_limits("tokens", min_tokens, max_tokens)
-    if counts_column not in dataset.column_names:
-        raise DataError(
-            f"the dataset has no {counts_column!r} column of token counts (it has {dataset.column_names}). "
-            f"Count each sample's tokens into that column before filtering on them."
-        )
+    _require_column(dataset, counts_column, "Count each sample's tokens into it before filtering on them.")
     limits = [
         (min_tokens, f"min_tokens {min_tokens:,}", "too few tokens", lambda count: count >= min_tokens),
         (max_tokens, f"max_tokens {max_tokens:,}", "too many tokens", lambda count: count <= max_tokens),
@@ -398,11 +391,7 @@ def split_dataset(
     """One dataset per split name (empty where its ratio is 0), each keeping the rows' original order.
     Raises ConfigError for bad ratios and DataError for a missing key column."""
     check_split_ratios(ratios, names)
-    if key_column not in dataset.column_names:
-        raise DataError(
-            f"the dataset has no {key_column!r} column to split on (it has {dataset.column_names}). "
-            f"Split on one of those columns."
-        )
+    _require_column(dataset, key_column, "Split on one of the columns it has.")
     rows: Dict[str, List[int]] = {name: [] for name in names[: len(ratios)]}
     for row, key in enumerate(_column(dataset, key_column)):
         rows[_split_of(_split_position(str(key)), ratios, names)].append(row)

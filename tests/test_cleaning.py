@@ -163,6 +163,18 @@ def test_report_json_and_lines():
     ]
 
 
+def test_an_empty_dataset_gives_an_empty_dataset_and_a_report():
+    kept, report = run_clean([], CleanConfig(near_dedup=True))
+    assert len(kept) == 0 and kept.column_names == ["text", "id"]
+    assert report.rows_in == 0 and report.rows_out == 0
+
+
+def test_a_pattern_given_twice_counts_its_drops_once():
+    kept, report = run_clean(["spam", "ham"], only(drop_regex=["spam", "spam"]))
+    assert kept["text"] == ["ham"]
+    assert [step.dropped for step in report.steps] == [0, 1, 0]
+
+
 def test_lines_use_thousands_separators():
     report = CleaningReport()
     report.record("exact dedup", "exact duplicate", 1000, 950)
