@@ -91,12 +91,15 @@ def pack(
 ) -> datasets.Dataset:
     """Rows of exactly seq_len `input_ids`, `labels` and `position_ids`, several samples each (module docstring).
 
-    `samples` needs `input_ids` and `labels` of equal length per sample; its other columns are dropped.
-    Raises ValueError for a sample longer than seq_len (truncate or drop those first) or with labels of
-    another length. The result has no format set: `.with_format("torch")` gives tensors.
+    `samples` needs `input_ids` and `labels` of equal length per sample; its other columns are dropped, and so
+    are empty samples. Raises ValueError for a sample longer than seq_len (truncate or drop those first), for
+    labels of another length, or for bad settings. The result has no format set: `.with_format("torch")`
+    gives tensors. Batches of its rows must reach the model without an `attention_mask` (module docstring).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be at least 1, not {seq_len}")
+    if config.window < 1:
+        raise ValueError(f"the packing window must hold at least 1 sample, not {config.window}")
     if config.strategy not in PLACEMENTS:
         raise ValueError(f"unknown packing strategy {config.strategy!r}; one of {sorted(PLACEMENTS)}")
     missing = {"input_ids", "labels"} - set(samples.column_names)
