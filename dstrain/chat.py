@@ -29,14 +29,14 @@ Turn = Dict[str, str]
 
 def _string(value: Any, where: str, field_name: str, fix: str) -> str:
     if not isinstance(value, str):
-        shown = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        shown = "missing" if value is None else f"of type {type(value).__name__}, not a string"
         raise DataError(f"{where}: field {field_name!r} is {shown}. {fix}")
     return value
 
 
 def _list(value: Any, where: str, field_name: str, fix: str) -> list:
     if not isinstance(value, list):
-        shown = "missing" if value is None else f"a {type(value).__name__}, not a list"
+        shown = "missing" if value is None else f"of type {type(value).__name__}, not a list"
         raise DataError(f"{where}: field {field_name!r} is {shown}. {fix}")
     return value
 
@@ -56,7 +56,7 @@ def _checked(turns: List[Turn], labels: List[str], where: str, field_name: str) 
         expected = "user" if (index - first) % 2 == 0 else "assistant"
         if turns[index]["role"] != expected:
             raise DataError(
-                f"{where}: {labels[index]} is a {turns[index]['role']} turn where a {expected} turn belongs. "
+                f"{where}: {labels[index]} has role {turns[index]['role']!r} where a {expected!r} turn belongs. "
                 f"After an optional first system turn, user and assistant turns must alternate, starting with "
                 f"user; fix the record's turns."
             )
