@@ -185,7 +185,9 @@ def _turn_list(record: dict, where: str, list_field: str, role_field: str, conte
     for index, item in enumerate(items):
         place = f"{list_field}[{index}]"
         if not isinstance(item, dict):
-            raise DataError(f"{where}: field {place!r} is not an object with {role_field!r} and {content_field!r}.")
+            raise DataError(
+                f"{where}: field {place!r} is not an object with {role_field!r} and {content_field!r}; fix it."
+            )
         speaker = item.get(role_field)
         if speaker not in roles:
             raise DataError(f"{where}: field '{place}.{role_field}' is {speaker!r}, not a known role: {role_fix}.")
@@ -278,6 +280,7 @@ def chat_template_for(tokenizer, name: str) -> str:
 
 
 def _template_name(chat_template: str) -> str:
+    """How an error names the template: the data.template setting that chose it."""
     for name, builtin in BUILTIN_TEMPLATES.items():
         if builtin == chat_template:
             return f"data.template={name}"
@@ -331,7 +334,7 @@ def _assistant_spans(tokenizer, chat_template: str, turns: List[Turn], counted: 
     for position, index in enumerate(counted):
         prompt = (texts[2 * position], encoded[2 * position])
         through = (texts[2 * position + 1], encoded[2 * position + 1])
-        _check_prefix(prompt, through, chat_template, f"the prompt before turn {index}")
+        _check_prefix(prompt, through, chat_template, f"the prompt before turn {index} (counted from 0)")
         _check_prefix(through, whole, chat_template, f"the conversation through turn {index}")
         spans.append((len(prompt[1]), len(through[1])))
     return spans
