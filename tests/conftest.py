@@ -21,16 +21,17 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a run that hangs past its timeout is sent SIGABRT and prints where every thread was.
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     env.pop("RANK", None)
     env.pop("LOCAL_RANK", None)
     return env
 
 
 class Run:
-    def __init__(self, completed: subprocess.CompletedProcess, run_dir: Path):
-        self.returncode = completed.returncode
-        self.output = completed.stdout
+    def __init__(self, returncode: int, output: str, run_dir: Path):
+        self.returncode = returncode
+        self.output = output
         self.run_dir = run_dir
 
     def metrics(self):
@@ -48,14 +49,37 @@ def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", ch
         command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *args]
     else:
         command = [sys.executable, str(TRAIN), *args]
-    completed = subprocess.run(
+    process = subprocess.Popen(
         command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    run = Run(completed, tmp_path / "outputs" / name)
-    if check and completed.returncode != 0:
-        pytest.fail(f"training failed ({completed.returncode}):\n{completed.stdout[-6000:]}")
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"training hung for {timeout} s; where each process was:\n{_abort_hung(process)[-12000:]}")
+    run = Run(process.returncode, output, tmp_path / "outputs" / name)
+    if check and process.returncode != 0:
+        pytest.fail(f"training failed ({process.returncode}):\n{output[-6000:]}")
     return run
+
+
+def _abort_hung(process: subprocess.Popen) -> str:
+    """SIGABRT to every process of a hung run (faulthandler prints their Python stacks), then SIGKILL."""
+    import signal
+
+    import psutil
+
+    for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        try:
+            child.send_signal(signal.SIGABRT)
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        output, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+    return output
 
 
 def start_ranks_without_a_launcher(tmp_path: Path, overrides_per_rank) -> list:
