@@ -148,11 +148,27 @@ SHARED_MEMORY = Path("/dev/shm")
 @pytest.fixture(autouse=True)
 def remove_deepspeed_shared_memory():
     """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank per run; dozens of runs would
-    fill the machine's memory."""
+    fill the machine's memory. Only buffers no live process maps are removed: a rank of another run (another
+    test session on this machine) that is still starting would otherwise wait forever for a peer's buffer."""
     before = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"))
     yield
-    for leftover in set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*")) - before:
-        leftover.unlink(missing_ok=True)
+    leftovers = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*")) - before
+    if leftovers:
+        for leftover in leftovers - _mapped_shared_memory():
+            leftover.unlink(missing_ok=True)
+
+
+def _mapped_shared_memory() -> set:
+    """The /dev/shm files that some process has mapped right now."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(Path(line.split(maxsplit=5)[5]) for line in text.splitlines()
+                      if "/dev/shm/" in line and len(line.split(maxsplit=5)) == 6)
+    return mapped
 
 
 @pytest.fixture(scope="session")
