@@ -2,8 +2,8 @@
 """launch/train.py with a NaN loss injected, for the fault tests: run it exactly like launch/train.py.
 
 NAN_STEPS names the optimizer steps whose loss becomes NaN ("6", "3,4" or "3-" for step 3 onwards) on the
-rank NAN_RANK (default 1). The loss is multiplied by NaN inside the model's forward, so the gradients of
-that rank become NaN too, as they would after a real overflow. It assumes one forward per optimizer step
+rank NAN_RANK (default 1). The logits are multiplied by NaN inside the model's forward (dstrain computes the
+loss from them), so the loss and the gradients of that rank become NaN, as they would after a real overflow. It assumes one forward per optimizer step
 (gradient accumulation 1, no evaluation); in a resumed run, step 1 is the first step after the checkpoint.
 """
 
@@ -31,8 +31,8 @@ def _inject(is_nan_step, rank: int) -> None:
         output = forward(self, *args, **kwargs)
         if self.training:
             step += 1
-            if int(os.environ["RANK"]) == rank and is_nan_step(step) and output.loss is not None:
-                output.loss = output.loss * float("nan")
+            if int(os.environ["RANK"]) == rank and is_nan_step(step):
+                output.logits = output.logits * float("nan")
         return output
 
     LlamaForCausalLM.forward = forward_with_nan
