@@ -2,6 +2,7 @@
 (dstrain.errors.ExitCode)."""
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,6 @@ def requeue_submitit_job() -> None:
     """A sweep point that Hydra's submitit launcher runs as a SLURM job stopped and saved: rank 0 requeues the
     job, as dstrain's own job script does on ExitCode.PREEMPTED (submitit's script does not). The requeued job
     keeps its id and runs the same sweep point, which resumes from the checkpoint just saved."""
-    import os
-
     job_id = os.environ.get("SLURM_JOB_ID")
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or global_rank() != 0 or not job_id:
         return
