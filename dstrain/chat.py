@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import jinja2
 
-from dstrain.config import one_of
 from dstrain.data import IGNORE_INDEX
 from dstrain.errors import ConfigError, DataError
 from dstrain.registry import Registry
@@ -363,29 +362,11 @@ def tokenize_conversation(tokenizer, chat_template: str, turns: List[Turn], trai
     return ids, labels
 
 
-# --- Settings ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChatDataConfig:
-    # How each record is laid out (RECORD_FORMATS): alpaca, sharegpt or messages. Meant to extend data.format.
-    format: str = one_of("alpaca", registry="dstrain.chat:RECORD_FORMATS")
-    # Field names that differ from the format's defaults, keyed by the fields of its *Fields dataclass, e.g.
-    # {output: response} for alpaca, or {roles: {human: user, bot: assistant}} for sharegpt.
-    fields: Dict[str, Any] = field(default_factory=dict)
-    # The chat template: "auto" (the tokenizer's own) or a built-in: alpaca, chatml, llama-2, llama-3.
-    template: str = one_of("auto", "auto", *BUILTIN_TEMPLATES)
-    # Count every token toward the loss, the prompts too (default: only the assistant's answers).
-    train_on_prompt: bool = False
-    # Count only the last assistant answer of each conversation; earlier turns are context only.
-    last_turn_only: bool = False
-
-
-def record_format(cfg: ChatDataConfig):
-    """The format component that cfg.format names, reading the field names that cfg.fields sets."""
-    component = RECORD_FORMATS[cfg.format]
+def record_format(format_name: str, field_names: Dict[str, Any]):
+    """The format component that data.format names, reading the field names that data.fields sets."""
+    component = RECORD_FORMATS[format_name]
     known = [spec.name for spec in dataclasses.fields(component.Fields)]
-    unknown = sorted(set(cfg.fields) - set(known))
+    unknown = sorted(set(field_names) - set(known))
     if unknown:
-        raise ConfigError(f"data.fields: {unknown} are not fields of data.format={cfg.format}; its fields are {known}")
-    return component(component.Fields(**cfg.fields))
+        raise ConfigError(f"data.fields: {unknown} are not fields of data.format={format_name}; its fields are {known}")
+    return component(component.Fields(**field_names))

@@ -20,11 +20,10 @@ import datasets
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
+from dstrain.data_config import CONFIG_KEY, CleanConfig, check_limits, compile_pattern
 from dstrain.errors import ConfigError, DataError
 
 TEXT_COLUMN = "text"
-# Where these settings are meant to live in the config schema, for error messages.
-CONFIG_KEY = "data.clean"
 SPLIT_KEY = "data.split"
 SPLIT_NAMES = ("train", "validation", "test")
 # The text that the filters and dedup compare, kept apart so that the text column can keep what trains.
@@ -33,69 +32,6 @@ _BATCH_SIZE = 1000
 # Each text in the report's near-duplicate examples is cut to this many characters, to keep the JSON small.
 _EXAMPLE_CHARS = 300
 _MINHASH_SEED = 1
-
-
-@dataclass
-class CleanConfig:
-    # Unicode NFKC (full-width letters and digits become ASCII, ligatures are split), then every run of
-    # whitespace becomes one space and the ends are stripped. Filters, dedup and splits compare this form.
-    normalize: bool = True
-    # Also train on the normalised text. Off by default: collapsing whitespace flattens the line breaks of
-    # code, lists and dialogue, and NFKC turns Chinese full-width punctuation (，：？) into ASCII.
-    train_on_normalized: bool = False
-    # Drop samples of fewer characters (code points of the compared text: one per Chinese character); 0: off.
-    min_chars: int = 0
-    # Drop samples with more characters; 0: off.
-    max_chars: int = 0
-    # Python regular expressions; a sample in which any of them is found (re.search) is dropped.
-    drop_regex: List[str] = field(default_factory=list)
-    # Drop samples whose normalised text equals an earlier sample's.
-    exact_dedup: bool = True
-    # Drop samples whose estimated Jaccard similarity to an earlier kept sample reaches the threshold
-    # (MinHash signatures indexed by MinHashLSH).
-    near_dedup: bool = False
-    # Jaccard similarity of the shingle sets at which two samples count as near duplicates.
-    near_dedup_threshold: float = 0.85
-    # MinHash permutations: more estimate the similarity better and cost time and memory in proportion.
-    near_dedup_num_perm: int = 128
-    # Length of the character n-grams (shingles) compared by near dedup. Characters rather than words
-    # because Chinese and Japanese have no spaces. With 5, two 100-character texts that differ in one
-    # character are ~0.90 similar; a one-character change in a 30-character text gives ~0.68.
-    shingle_size: int = 5
-    # Near-duplicate pairs (kept text, dropped text, similarity) kept in the report as examples.
-    report_examples: int = 5
-    # Token limits, applied after tokenisation by drop_by_token_count, not by clean(); 0: off.
-    min_tokens: int = 0
-    max_tokens: int = 0
-
-    def check(self) -> None:
-        """Refuse settings that cannot work, naming the key."""
-        if self.report_examples < 0:
-            raise ConfigError(f"{CONFIG_KEY}.report_examples={self.report_examples} is negative; give 0 or more")
-        _check_limits("chars", self.min_chars, self.max_chars)
-        _check_limits("tokens", self.min_tokens, self.max_tokens)
-        for pattern in self.drop_regex:
-            _compile(pattern)
-        if not 0.0 < self.near_dedup_threshold <= 1.0:
-            raise ConfigError(f"{CONFIG_KEY}.near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1]")
-        if self.near_dedup_num_perm < 16:
-            raise ConfigError(f"{CONFIG_KEY}.near_dedup_num_perm={self.near_dedup_num_perm}: use 16 or more (128 is usual)")
-        if self.shingle_size < 1:
-            raise ConfigError(f"{CONFIG_KEY}.shingle_size={self.shingle_size} must be at least 1")
-
-
-def _check_limits(unit: str, low: int, high: int) -> None:
-    if low < 0 or high < 0:
-        raise ConfigError(f"{CONFIG_KEY}.min_{unit}={low}, max_{unit}={high}: limits are 0 (off) or more")
-    if low and high and high < low:
-        raise ConfigError(f"{CONFIG_KEY}.max_{unit}={high} is below min_{unit}={low}: no sample could pass")
-
-
-def _compile(pattern: str) -> "re.Pattern[str]":
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise ConfigError(f"{CONFIG_KEY}.drop_regex: {pattern!r} is not a valid regular expression ({error})") from None
 
 
 @dataclass
@@ -193,7 +129,7 @@ def _steps(cfg: CleanConfig, near_duplicates: Optional["_NearDuplicates"]) -> Li
     if cfg.max_chars:
         steps.append((f"max_chars {cfg.max_chars:,}", "too long", lambda row, text: len(text) > cfg.max_chars))
     for pattern in cfg.drop_regex:
-        compiled = _compile(pattern)
+        compiled = compile_pattern(pattern)
         steps.append((f"drop_regex {pattern!r}", f"regex {pattern}", lambda row, text, p=compiled: bool(p.search(text))))
     if cfg.exact_dedup:
         steps.append(("exact dedup", "exact duplicate", _ExactDuplicates()))
@@ -330,7 +266,7 @@ def drop_by_token_count(
 ) -> datasets.Dataset:
     """The rows whose token count in `counts_column` lies within [min_tokens, max_tokens] (0: no limit),
     in order, recorded in `report` as "too few tokens" and "too many tokens"."""
-    _check_limits("tokens", min_tokens, max_tokens)
+    check_limits("tokens", min_tokens, max_tokens)
     _require_column(dataset, counts_column, "Count each sample's tokens into it before filtering on them.")
     limits = [
         (min_tokens, f"min_tokens {min_tokens:,}", "too few tokens", lambda count: count >= min_tokens),

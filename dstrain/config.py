@@ -14,17 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-
-
-def one_of(default, *names, registry: Optional[str] = None):
-    """A field that must be one of `names`, or one of the names registered in `registry` ("module:ATTRIBUTE",
-    imported only when validating, so that composing a config stays light)."""
-    return field(default=default, metadata={"choices": names, "registry": registry})
-
-
-def some_of(default: List[str], registry: str):
-    """A list field whose every item is one of the names registered in `registry`."""
-    return field(default_factory=lambda: list(default), metadata={"choices": (), "registry": registry})
+from dstrain.config_fields import one_of, some_of
+from dstrain.data_config import DataConfig
 
 
 @dataclass
@@ -144,28 +135,6 @@ class SchedulerConfig:
     warmup_steps: int = 10
     # The LR decays from optim.lr to min_lr_ratio * optim.lr over the steps after warmup.
     min_lr_ratio: float = 0.1
-
-
-@dataclass
-class DataConfig:
-    # Where documents come from (dstrain.data.DATA_SOURCES): "builtin" generated text, or "files".
-    name: str = one_of("builtin", registry="dstrain.data:DATA_SOURCES")
-    # Local files for name=files: plain text (one document per line) or JSONL (one object per line).
-    train_files: List[str] = field(default_factory=list)
-    # Validation files for name=files (needed when trainer.eval_every is set).
-    val_files: List[str] = field(default_factory=list)
-    # How files are read: "text" (a document per line) or "jsonl" (an object per line).
-    format: str = one_of("text", "text", "jsonl")
-    # The JSONL field that holds a document's text.
-    text_field: str = "text"
-    # Tokens per training sequence.
-    seq_len: int = 128
-    # A tokenizer directory or hub name. Unset: the pretrained model's tokenizer, else byte-level.
-    tokenizer: Optional[str] = None
-    # Generated documents for training when name=builtin.
-    builtin_train_documents: int = 4000
-    # Generated documents for validation when name=builtin (from a different seed).
-    builtin_val_documents: int = 200
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dstrain.config import one_of
+from dstrain.config_fields import one_of
 from dstrain.errors import ConfigError, DataError
 from dstrain.hub import require_hub
 from dstrain.registry import Registry
@@ -77,7 +77,7 @@ def read_records(spec: SourceSpec) -> datasets.Dataset:
     """The records of one source with a `_where` column. Raises ConfigError for a path, format or split that
     cannot work, DataError (naming file and line or row) for malformed data or a source without records."""
     check_spec(spec)
-    paths = _matching_paths(spec)
+    paths = matching_paths(spec)
     records = union_of_columns([READERS[spec.format](path, spec.split) for path in paths], paths)
     if len(records) == 0:
         raise DataError(f"{spec.path}: no records (the files are empty or blank). Give a source with data.")
@@ -107,7 +107,7 @@ def _looks_like_hub_name(path: str) -> bool:
     )
 
 
-def _matching_paths(spec: SourceSpec) -> List[str]:
+def matching_paths(spec: SourceSpec) -> List[str]:
     if spec.format == "hub" or (spec.format == "auto" and _looks_like_hub_name(spec.path)):
         return [spec.path]
     if _is_glob(spec.path):

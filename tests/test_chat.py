@@ -6,8 +6,9 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from dstrain.data_config import BUILTIN_TEMPLATE_NAMES
 from dstrain.chat import (
-    BUILTIN_TEMPLATES, RECORD_FORMATS, ChatDataConfig, chat_template_for, record_format, tokenize_conversation,
+    BUILTIN_TEMPLATES, RECORD_FORMATS, chat_template_for, record_format, tokenize_conversation,
 )
 from dstrain.data import IGNORE_INDEX, byte_level_tokenizer
 from dstrain.errors import ConfigError, DataError
@@ -168,6 +169,10 @@ def test_builtins_render_a_generation_prompt_that_the_answer_continues(byte_leve
     assert "S" in prompt and "Q" in prompt
 
 
+def test_the_schema_offers_exactly_the_builtin_templates():
+    assert list(BUILTIN_TEMPLATE_NAMES) == list(BUILTIN_TEMPLATES)
+
+
 def test_auto_is_the_tokenizers_own_template(llama3, smollm2):
     assert chat_template_for(llama3, "auto") == LLAMA3_TEMPLATE
     assert "<|im_start|>" in chat_template_for(smollm2, "auto")
@@ -205,19 +210,19 @@ def test_a_tokenizer_that_merges_across_the_turn_boundary_is_refused(smollm2):
 
 
 def test_fields_and_roles_are_configurable():
-    sharegpt = record_format(ChatDataConfig(format="sharegpt", fields={
-        "conversations": "dialog", "role": "speaker", "content": "text", "roles": {"me": "user", "bot": "assistant"}}))
+    sharegpt = record_format("sharegpt", {
+        "conversations": "dialog", "role": "speaker", "content": "text", "roles": {"me": "user", "bot": "assistant"}})
     record = {"dialog": [{"speaker": "me", "text": "hi"}, {"speaker": "bot", "text": "yo"}]}
     assert [turn["role"] for turn in sharegpt.conversation(record, "x:1")] == ["user", "assistant"]
-    alpaca = record_format(ChatDataConfig(format="alpaca", fields={"output": "response"}))
+    alpaca = record_format("alpaca", {"output": "response"})
     assert alpaca.conversation({"instruction": "q", "response": "a"}, "x:1")[-1]["content"] == "a"
 
 
 def test_unknown_fields_and_formats_are_config_errors():
     with pytest.raises(ConfigError, match=r"\['outptu'\] are not fields of data.format=alpaca"):
-        record_format(ChatDataConfig(format="alpaca", fields={"outptu": "response"}))
+        record_format("alpaca", {"outptu": "response"})
     with pytest.raises(ConfigError, match="data.format='oasst' is not one of"):
-        record_format(ChatDataConfig(format="oasst"))
+        record_format("oasst", {})
 
 
 def _turns(*pairs):
