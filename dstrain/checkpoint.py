@@ -112,12 +112,25 @@ def problem_with(path: Path) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a checkpoint records of the data it was trained on (dstrain.preparation)."""
+
+    # The data fingerprint: inputs' contents, data settings, tokenizer. Empty: not known (nothing to compare).
+    fingerprint: str = ""
+    # The chat template that rendered instruction data; generation and export build prompts with it.
+    chat_template: Optional[str] = None
+
+
 class CheckpointManager:
     def __init__(
         self, directory: Path, rank: int, world_size: int, fingerprint: dict, config: dict, keep_last: int,
-        keep_every: int,
+        keep_every: int, data: DataIdentity = DataIdentity(), changed_data: str = "refuse",
     ):
         self.directory = directory
+        self.data = data
+        # data.changed_on_resume: "refuse" or "warn" when a checkpoint's data fingerprint differs.
+        self.changed_data = changed_data
         self.config = config
         self.rank = rank
         self.world_size = world_size
@@ -164,6 +177,7 @@ class CheckpointManager:
                 "versions": {name: version(name) for name in ("dstrain", "deepspeed", "torch", "transformers")},
                 "config": self.config,
                 "parameters": self.fingerprint,
+                "data": asdict(self.data),
                 "files": files,
             }
             _write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1))
@@ -221,6 +235,7 @@ class CheckpointManager:
         candidates = self.candidates(resume)
         for path in candidates:
             self.check_same_model(path)
+            self.check_same_data(path)
             problem = problem_with(path)
             if all_ranks_agree(problem is None):
                 return path
@@ -285,6 +300,21 @@ class CheckpointManager:
         ]
         if changed:
             log.warning("resuming with changed settings: %s", "; ".join(changed))
+
+    def check_same_data(self, path: Path) -> None:
+        saved = read_manifest(path).get("data", {}).get("fingerprint")
+        if not saved or not self.data.fingerprint or saved == self.data.fingerprint:
+            return
+        what = (f"the checkpoint {path} was trained on other data (data fingerprint {saved}; this run's is "
+                f"{self.data.fingerprint}): an input file's contents, a data.* setting or the tokenizer changed")
+        if self.changed_data == "warn":
+            log.warning("%s; resuming anyway (data.changed_on_resume=warn), so the data order is not the one the "
+                        "checkpoint continued", what)
+            return
+        raise CheckpointError(
+            f"{what}. Resuming would not continue the same run. Restore the data, start a new run with "
+            f"run.name=<new name>, or resume anyway with data.changed_on_resume=warn."
+        )
 
     def check_same_model(self, path: Path) -> None:
         saved = read_manifest(path)["parameters"]

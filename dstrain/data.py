@@ -8,13 +8,13 @@ A batch is a dict: `input_ids`, and `labels` of the same shape in which IGNORE_I
 not count toward the loss (the model predicts labels[t + 1] from the tokens up to t).
 """
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Iterator, List
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from dstrain.config import TrainConfig
 from dstrain.errors import ConfigError, DataError
 from dstrain.registry import Registry
+from dstrain.sources import WHERE, SourceSpec, mix, read_records
 
 BOS, EOS = "<s>", "</s>"
 # A label that does not count toward the loss (PyTorch's cross-entropy default).
@@ -73,39 +74,35 @@ def builtin_documents(count: int, seed: int) -> Iterator[str]:
         yield " ".join(sentences)
 
 
-def _documents_from_files(paths: List[str], file_format: str, text_field: str, fingerprint: str):
-    """Yield {"text": ...} for every document, naming the file and line of anything malformed."""
-    del fingerprint  # Only part of the arguments so that the datasets cache notices changed files.
-    for path in paths:
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if file_format == "text":
-                    yield {"text": line.rstrip("\n")}
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(
-                        f"{path}:{line_number}: not valid JSON ({error.msg}). "
-                        f"Each line of a JSONL file must be one JSON object."
-                    ) from None
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(
-                        f"{path}:{line_number}: no string field {text_field!r}. "
-                        f"Fix the line, or set data.text_field to the field that holds the text."
-                    )
-                yield {"text": text}
+def read_role(cfg: TrainConfig, role: str) -> datasets.Dataset:
+    """The records of data.train_files (mixed by data.train_weights and data.train_max_rows), data.val_files
+    or data.test_files, with a `_where` column naming each record's file and line or row."""
+    data = cfg.data
+    paths = {"train": data.train_files, "validation": data.val_files, "test": data.test_files}[role]
+    weights = list(data.train_weights) if role == "train" and data.train_weights else [1.0] * len(paths)
+    caps = list(data.train_max_rows) if role == "train" and data.train_max_rows else [0] * len(paths)
+    specs = [SourceSpec(path=str(path), format=data.reader, split=role, weight=weight, max_rows=cap)
+             for path, weight, cap in zip(paths, weights, caps)]
+    records = [read_records(spec) for spec in specs]
+    if len(records) == 1 and weights[0] == 1.0 and not caps[0]:
+        return records[0]
+    mixed, _ = mix(records, specs, cfg.trainer.seed)
+    return mixed
 
 
-def _file_fingerprint(paths: List[str]) -> str:
-    parts = []
-    for path in paths:
-        stat = Path(path).stat()
-        parts.append(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return "|".join(parts)
+def _text_documents(records: datasets.Dataset, text_field: str) -> datasets.Dataset:
+    """The `text_field` column as documents in a column "text", or a DataError naming the first record without
+    a string there."""
+    column = records.data.column(text_field) if text_field in records.column_names else None
+    if column is None or not pa.types.is_string(column.type) or column.null_count:
+        bad = 0 if column is None or not pa.types.is_string(column.type) else int(
+            np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(
+            f"{records[bad][WHERE]}: no string field {text_field!r}. "
+            f"Fix the record, or set data.text_field to the field that holds the text."
+        )
+    documents = records.select_columns([text_field])
+    return documents.rename_column(text_field, "text") if text_field != "text" else documents
 
 
 class BuiltinSource:
@@ -123,38 +120,34 @@ class BuiltinSource:
 
 
 class FilesSource:
-    """Local text or JSONL files: data.train_files and data.val_files, read as data.format says."""
+    """Local files, globs, datasets directories or Hub names (dstrain.sources): data.train_files and the others."""
 
     def check(self, cfg: TrainConfig) -> None:
         data = cfg.data
         if not data.train_files:
             raise ConfigError("data.name=files needs data.train_files, e.g. data.train_files=[/abs/path/train.jsonl]")
-        if cfg.trainer.eval_every and not data.val_files:
+        for key in ("train_weights", "train_max_rows"):
+            given = getattr(data, key)
+            if given and len(given) != len(data.train_files):
+                raise ConfigError(
+                    f"data.{key} has {len(given)} entries for {len(data.train_files)} data.train_files: give one per "
+                    f"file, in the same order, or none."
+                )
+        if data.split and data.format == "text":
+            raise ConfigError("data.split is for instruction data; with data.format=text give data.val_files instead.")
+        if data.split and (data.val_files or data.test_files):
             raise ConfigError(
-                "trainer.eval_every is set but data.val_files is empty. Give data.val_files=[...] "
-                "or turn evaluation off with trainer.eval_every=0."
+                "data.split makes the validation and test splits from data.train_files; give either data.split or "
+                "data.val_files/data.test_files, not both."
+            )
+        if cfg.trainer.eval_every and not (data.val_files or len(data.split) > 1 and data.split[1] > 0):
+            raise ConfigError(
+                "trainer.eval_every is set but there is no validation data. Give data.val_files=[...], or for "
+                "instruction data data.split=[0.7,0.2,0.1], or turn evaluation off with trainer.eval_every=0."
             )
 
     def documents(self, cfg: TrainConfig, split: str) -> datasets.Dataset:
-        data = cfg.data
-        paths = list(data.train_files if split == "train" else data.val_files)
-        for path in paths:
-            if not Path(path).is_file():
-                raise ConfigError(f"data.{split}_files: {path} does not exist. Give absolute paths to existing files.")
-        try:
-            return datasets.Dataset.from_generator(
-                _documents_from_files,
-                gen_kwargs={
-                    "paths": paths,
-                    "file_format": data.format,
-                    "text_field": data.text_field,
-                    "fingerprint": _file_fingerprint(paths),
-                },
-            )
-        except datasets.exceptions.DatasetGenerationError as error:
-            if isinstance(error.__cause__, DataError):
-                raise error.__cause__ from None
-            raise
+        return _text_documents(read_role(cfg, split), cfg.data.text_field)
 
 
 DATA_SOURCES: Registry = Registry("data.name")
@@ -202,6 +195,8 @@ class BatchPlan:
     accumulation_steps: int
     world_size: int
     rank: int
+    # Fills unpacked instruction rows up to the micro-batch's longest (dstrain.packing.pad_batch).
+    pad_id: int = 0
 
     @property
     def global_batch(self) -> int:
@@ -230,16 +225,34 @@ class BatchPlan:
         first = samples_consumed + (micro_step * self.world_size + self.rank) * self.micro_batch_size
         positions = range(first, first + self.micro_batch_size)
         indices = [int(self._order_for_epoch(p // blocks_per_epoch)[p % blocks_per_epoch]) for p in positions]
-        return causal_lm_batch(self.blocks[indices]["input_ids"])
+        return collate(self.blocks[indices], self.pad_id)
 
 
-def eval_batches(blocks: datasets.Dataset, micro_batch_size: int, world_size: int, rank: int, limit: int):
+def eval_batches(blocks: datasets.Dataset, micro_batch_size: int, world_size: int, rank: int, limit: int,
+                 pad_id: int = 0):
     """Fixed validation micro-batches for this rank. Every rank gets the same count, which ZeRO-3's
     collectives in the forward pass need."""
     per_rank = min(limit, len(blocks) // (micro_batch_size * world_size))
     for batch in range(per_rank):
         first = (batch * world_size + rank) * micro_batch_size
-        yield causal_lm_batch(blocks[first : first + micro_batch_size]["input_ids"])
+        yield collate(blocks[first : first + micro_batch_size], pad_id)
+
+
+def collate(rows: Dict[str, object], pad_id: int) -> Batch:
+    """One micro-batch from the rows of a prepared dataset, whichever kind it is: text blocks (every token
+    counts), packed instruction rows (labels and position_ids, and no attention_mask: dstrain.packing), or
+    unpacked instruction samples (padded here)."""
+    if "labels" not in rows:
+        return causal_lm_batch(rows["input_ids"])
+    if "position_ids" in rows:
+        return {key: rows[key] for key in ("input_ids", "labels", "position_ids")}
+    return pad_batch([{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])],
+                     pad_id)
+
+
+def pad_id(tokenizer) -> int:
+    """The id that fills unused positions: the tokenizer's padding token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def causal_lm_batch(input_ids: torch.Tensor) -> Batch:
@@ -250,3 +263,31 @@ def causal_lm_batch(input_ids: torch.Tensor) -> Batch:
 def counted_tokens(batch: Batch) -> int:
     """Positions whose next token counts toward the loss: the first token is never predicted."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def pad_batch(samples: List[dict], pad_id: int, multiple_of: int = 8) -> Dict[str, torch.Tensor]:
+    """One unpacked micro-batch: `input_ids` padded on the right with pad_id to the longest sample rounded up to
+    a multiple of `multiple_of`, `labels` IGNORE_INDEX on the padding, `attention_mask` 1 on real tokens.
+
+    Right padding with the causal mask means real tokens never see padding, and positions need no shift.
+    Raises ValueError for no samples, multiple_of below 1 or a sample whose labels differ in length.
+    """
+    if not samples:
+        raise ValueError("pad_batch needs at least one sample")
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be at least 1, not {multiple_of}")
+    rows = [(torch.as_tensor(s["input_ids"]), torch.as_tensor(s["labels"])) for s in samples]
+    for number, (ids, labels) in enumerate(rows):
+        if ids.shape != labels.shape:
+            raise ValueError(f"sample {number} has {len(ids)} input_ids but {len(labels)} labels; they must align")
+    width = -(-max(len(ids) for ids, _ in rows) // multiple_of) * multiple_of
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for number, (ids, labels) in enumerate(rows):
+        batch["input_ids"][number, : len(ids)] = ids
+        batch["labels"][number, : len(ids)] = labels
+        batch["attention_mask"][number, : len(ids)] = 1
+    return batch

@@ -14,7 +14,7 @@ import random
 import re
 import socket
 from datetime import timedelta
-from typing import Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping
 
 import numpy as np
 import torch
@@ -100,6 +100,13 @@ def sum_over_ranks(values, device) -> list:
 
 def all_ranks_agree(ok: bool) -> bool:
     return sum_over_ranks([0.0 if ok else 1.0], local_device())[0] == 0
+
+
+def from_rank_zero(rank: int, compute: Callable[[], Any]) -> Any:
+    """compute() on rank 0 only (reading every input file once, not once per rank), its value on every rank."""
+    value = [compute() if rank == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
 
 
 class rank_zero_first:

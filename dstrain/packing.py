@@ -32,7 +32,6 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import datasets
 import numpy as np
 import pyarrow as pa
-import torch
 
 from dstrain.data import IGNORE_INDEX
 
@@ -203,31 +202,3 @@ def packing_efficiency(packed: datasets.Dataset) -> float:
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
     """A column of equal-length lists as a (rows, length) array."""
     return column.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
-
-
-def pad_batch(samples: List[dict], pad_id: int, multiple_of: int = 8) -> Dict[str, torch.Tensor]:
-    """One unpacked micro-batch: `input_ids` padded on the right with pad_id to the longest sample rounded up to
-    a multiple of `multiple_of`, `labels` IGNORE_INDEX on the padding, `attention_mask` 1 on real tokens.
-
-    Right padding with the causal mask means real tokens never see padding, and positions need no shift.
-    Raises ValueError for no samples, multiple_of below 1 or a sample whose labels differ in length.
-    """
-    if not samples:
-        raise ValueError("pad_batch needs at least one sample")
-    if multiple_of < 1:
-        raise ValueError(f"multiple_of must be at least 1, not {multiple_of}")
-    rows = [(torch.as_tensor(s["input_ids"]), torch.as_tensor(s["labels"])) for s in samples]
-    for number, (ids, labels) in enumerate(rows):
-        if ids.shape != labels.shape:
-            raise ValueError(f"sample {number} has {len(ids)} input_ids but {len(labels)} labels; they must align")
-    width = -(-max(len(ids) for ids, _ in rows) // multiple_of) * multiple_of
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    for number, (ids, labels) in enumerate(rows):
-        batch["input_ids"][number, : len(ids)] = ids
-        batch["labels"][number, : len(ids)] = labels
-        batch["attention_mask"][number, : len(ids)] = 1
-    return batch

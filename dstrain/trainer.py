@@ -25,14 +25,14 @@ import transformers
 from deepspeed.accelerator import get_accelerator
 
 from dstrain.adapters import warn_about_random_base
-from dstrain.checkpoint import CheckpointManager, TrainState
+from dstrain.checkpoint import CheckpointManager, DataIdentity, TrainState
 from dstrain.checks import validate, validate_accelerator
 from dstrain.compose import save_run_config
 from dstrain.config import TrainConfig, flatten
-from dstrain.data import Batch, BatchPlan, build_tokenizer, counted_tokens, eval_batches, packed_blocks
+from dstrain.data import Batch, BatchPlan, build_tokenizer, counted_tokens, eval_batches, pad_id
 from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.distributed import (
-    init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
+    from_rank_zero, init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
 )
 from dstrain.errors import ExitCode, TrainingDiverged
 from dstrain.evaluation import EVALUATORS
@@ -41,6 +41,7 @@ from dstrain.metrics import MetricsLogger
 from dstrain.model import build_model, model_fingerprint, parameter_counts
 from dstrain.optim import warmup_cosine_schedule, weight_decay_groups
 from dstrain.preemption import StopSignal
+from dstrain.preparation import data_fingerprint, prepare, write_report
 from dstrain.runlock import hold_run_dir
 from dstrain.watchdog import ProgressWatchdog
 
@@ -129,29 +130,34 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         cfg.trainer.gradient_accumulation_steps, world_size,
     )
     tokenizer = build_tokenizer(cfg)
+    fingerprint = from_rank_zero(rank, lambda: data_fingerprint(cfg, tokenizer))
     with rank_zero_first(rank):
-        train_blocks = packed_blocks(cfg, tokenizer, "train")
-        val_blocks = packed_blocks(cfg, tokenizer, "val") if cfg.trainer.eval_every else None
-    engine, checkpoints, resume_from = build_engine(cfg, tokenizer, ds_config, run_dir, rank, world_size)
+        data = prepare(cfg, tokenizer, fingerprint, needs_validation=bool(cfg.trainer.eval_every))
+    if rank == 0:
+        write_report(data, run_dir)
+    engine, checkpoints, resume_from = build_engine(cfg, tokenizer, ds_config, run_dir, rank, world_size,
+                                                    DataIdentity(data.fingerprint, data.chat_template))
     state = checkpoints.load(engine, resume_from) if resume_from is not None else TrainState()
     plan = BatchPlan(
-        train_blocks, cfg.trainer.seed, cfg.trainer.micro_batch_size, cfg.trainer.gradient_accumulation_steps,
-        world_size, rank,
+        data.train, cfg.trainer.seed, cfg.trainer.micro_batch_size, cfg.trainer.gradient_accumulation_steps,
+        world_size, rank, pad_id(tokenizer),
     )
     metrics = MetricsLogger(
         run_dir, cfg.logger, rank == 0, cfg.trainer.max_steps, state.step, asdict(cfg), state.tracker_run_id
     )
     cadence = Cadence(cfg.trainer.max_steps, cfg.logger.log_every, cfg.trainer.eval_every, cfg.trainer.save_every)
     return Training(
-        cfg, rank, world_size, local_device(), engine, plan, val_blocks, checkpoints, metrics, cadence,
+        cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence,
         replace(state, tracker_run_id=metrics.tracker_run_id),
     )
 
 
-def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, rank: int, world_size: int):
+def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, rank: int, world_size: int,
+                 data: DataIdentity = DataIdentity()):
     """The model inside a DeepSpeed engine with its optimizer and LR schedule, the run's checkpoints, and the
     checkpoint to resume from (None for a fresh start). The checkpoint is chosen before the engine exists, so
-    that one from another world size can be converted first."""
+    that one from another world size can be converted first. `data` says what the checkpoints will record of
+    the data, and what a checkpoint to resume must match."""
     # Keeping this object alive is what tells transformers to build the model inside deepspeed.zero.Init.
     hf_deepspeed_config = register_zero3_with_transformers(ds_config)
     warn_about_random_base(cfg, log)
@@ -166,7 +172,7 @@ def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, ra
         log.info("ZeRO-3: %d of %d parameter tensors partitioned as they were built", partitioned, len(tensors))
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", rank, world_size, model_fingerprint(model), flatten(asdict(cfg)),
-        cfg.trainer.keep_last, cfg.trainer.keep_every,
+        cfg.trainer.keep_last, cfg.trainer.keep_every, data, cfg.data.changed_on_resume,
     )
     resume_from = checkpoints.choose(cfg.trainer.resume)
     if resume_from is not None and checkpoints.needs_universal(resume_from):
@@ -274,7 +280,7 @@ def evaluate(t: Training) -> dict:
     results = {}
     for name in t.cfg.trainer.eval_metrics:
         batches = eval_batches(t.val_blocks, t.cfg.trainer.micro_batch_size, t.world_size, t.rank,
-                               t.cfg.trainer.eval_batches)
+                               t.cfg.trainer.eval_batches, t.plan.pad_id)
         results.update(EVALUATORS[name].evaluate(t.engine, batches, t.device))
     t.engine.train()
     return results

@@ -64,7 +64,7 @@ def _eval_loss_like_the_trainer(model, tokenizer, micro_batch_size: int, pretrai
     cfg = TrainConfig()
     cfg.model.pretrained = pretrained
     cfg.trainer.eval_batches = EVAL_BATCHES
-    val_blocks = packed_blocks(cfg, tokenizer, "val")
+    val_blocks = packed_blocks(cfg, tokenizer, "validation")
     total, tokens = 0.0, 0
     with torch.no_grad():
         for rank in range(world_size):

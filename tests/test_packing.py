@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dstrain.config import ModelConfig
-from dstrain.data import IGNORE_INDEX, counted_tokens
+from dstrain.data import IGNORE_INDEX, counted_tokens, pad_batch
 from dstrain.loss import summed_token_loss
 from dstrain.model import llama_config
 from dstrain.packing import (
@@ -15,7 +15,6 @@ from dstrain.packing import (
     best_fit_decreasing_rows,
     greedy_rows,
     pack,
-    pad_batch,
     packing_efficiency,
 )
 
