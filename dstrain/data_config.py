@@ -42,10 +42,11 @@ class CleanConfig:
     # because Chinese and Japanese have no spaces. With 5, two 100-character texts that differ in one
     # character are ~0.90 similar; a one-character change in a 30-character text gives ~0.68.
     shingle_size: int = 5
-    # Near-duplicate pairs (kept text, dropped text, similarity) kept in the report as examples.
+    # Near-duplicate pairs (kept text, dropped text, similarity) kept in the data report as examples.
     report_examples: int = 5
-    # Token limits, applied after tokenisation by drop_by_token_count, not by clean(); 0: off.
+    # Drop samples of fewer tokens (the whole rendered conversation), after tokenisation; 0: off.
     min_tokens: int = 0
+    # Drop samples of more tokens, after tokenisation (before data.too_long applies); 0: off.
     max_tokens: int = 0
 
     def check(self) -> None:

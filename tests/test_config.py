@@ -103,6 +103,9 @@ COMPANIONS = {
     ("model", "pretrained"): ["model.pretrained=/models/some-hf-dir"],
     # Files need files.
     ("data", "files"): ["data.train_files=[/data/train.jsonl]", "data.val_files=[/data/val.jsonl]"],
+    ("data", "alpaca"): ["data.train_files=[/data/alpaca.json]", "model.max_position_embeddings=512"],
+    ("data", "sharegpt"): ["data.train_files=[/data/chats.jsonl]", "model.max_position_embeddings=512"],
+    ("data", "messages"): ["data.train_files=[/data/chats.jsonl]", "model.max_position_embeddings=512"],
 }
 
 

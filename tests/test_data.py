@@ -12,10 +12,9 @@ from dstrain.data import (
 )
 
 
-def _files_config(paths, file_format="jsonl", seq_len=16) -> TrainConfig:
+def _files_config(paths, seq_len=16) -> TrainConfig:
     cfg = TrainConfig()
     cfg.data.name = "files"
-    cfg.data.format = file_format
     cfg.data.train_files = [str(path) for path in paths]
     cfg.data.seq_len = seq_len
     return cfg
@@ -53,7 +52,7 @@ def test_jsonl_documents_are_packed_into_full_blocks_with_eos_between(tmp_path):
 def test_text_files_are_one_document_per_line(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("line one\n\nline two\n" * 20)
-    blocks = packed_blocks(_files_config([path], file_format="text"), byte_level_tokenizer(), "train")
+    blocks = packed_blocks(_files_config([path]), byte_level_tokenizer(), "train")
     decoded = byte_level_tokenizer().decode(blocks[:]["input_ids"].flatten().tolist())
     assert decoded.startswith("line one</s>line two</s>line one")
 
