@@ -47,6 +47,10 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
     manifest = checked_manifest(checkpoint)
     cfg = train_config_from_manifest(manifest)
     tokenizer = load_tokenizer(cfg)
+    # The template that rendered the training data, so that generation and every export prompt alike.
+    chat_template = manifest.get("data", {}).get("chat_template")
+    if chat_template:
+        tokenizer.chat_template = chat_template
     model = rebuild_model(cfg)
     state_dict = consolidated_state_dict(checkpoint, manifest["zero_stage"])
     load_strictly(model, state_dict, checkpoint)
