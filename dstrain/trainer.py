@@ -114,6 +114,8 @@ class StepResult:
     update_skipped: bool
     # A checksum of the tokens this rank read (rank 0's is logged): a resumed run must read the same.
     batch_digest: int
+    # Tokens the step read over all ranks, without the padding of unpacked micro-batches.
+    tokens: int
 
 
 def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Training:
@@ -246,17 +248,19 @@ def train_step(t: Training, batches: List[Batch], stop_requested: bool) -> StepR
         engine.step()
         micro_losses.append(loss.detach().float())
     grad_norm = float(engine.get_global_grad_norm() if grad_norm is None else grad_norm)
-    # One collective carries both the loss and whether any rank was told to stop.
-    loss_sum, stops = sum_over_ranks([torch.stack(micro_losses).mean(), float(stop_requested)], device)
+    # One collective carries the loss, whether any rank was told to stop, and the tokens read.
+    loss_sum, stops, tokens = sum_over_ranks(
+        [torch.stack(micro_losses).mean(), float(stop_requested), float(sum(tokens_in(batch) for batch in batches))],
+        device)
     return StepResult(loss_sum / t.world_size, grad_norm, bool(stops), engine.skipped_steps > skipped_before,
-                      batch_digest(batches))
+                      batch_digest(batches), int(tokens))
 
 
 def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: int) -> bool:
     """Write the step's metrics; returns whether its loss and gradient norm were finite."""
     # Under fp16 an infinite gradient norm is the loss scaler's routine overflow, not a fault.
     finite = math.isfinite(result.loss) and (math.isfinite(result.grad_norm) or t.cfg.precision.dtype == "fp16")
-    tokens_per_s = t.plan.global_batch * t.cfg.data.seq_len / elapsed
+    tokens_per_s = result.tokens / elapsed
     t.metrics.advance(step, result.loss, tokens_per_s)
     every_step = {"loss": result.loss, "lr": t.engine.get_lr()[0], "batch_digest": result.batch_digest}
     if not t.cadence.logs_in_full(step, finite):
@@ -308,6 +312,11 @@ def check_nonfinite_step(step, result: StepResult, skipped_in_a_row, trainer, ch
     if rank == 0:
         log.warning("%s: update skipped, weights unchanged (%d in a row, trainer.nonfinite=skip)", what,
                     skipped_in_a_row)
+
+
+def tokens_in(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def batch_digest(batches: List[Batch]) -> int:
