@@ -5,6 +5,7 @@ import importlib
 from dataclasses import fields, is_dataclass
 
 from dstrain.config import PrecisionConfig, TrainConfig
+from dstrain.data_config import check_split_ratios
 from dstrain.errors import ConfigError
 
 
@@ -98,6 +99,7 @@ def validate(cfg: TrainConfig) -> None:
         )
 
     DATA_SOURCES[cfg.data.name].check(cfg)
+    check_data(cfg)
     if cfg.model.pretrained is None and cfg.data.seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
@@ -105,6 +107,23 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.peft.lora.r < 1:
         raise ConfigError(f"peft.lora.r={cfg.peft.lora.r} must be at least 1")
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """The data settings that cannot work together, before any file is read."""
+    data = cfg.data
+    if data.format != "text" and data.name != "files":
+        raise ConfigError(
+            f"data.format={data.format} reads records from files, but data.name={data.name}. Use "
+            f"+data={data.format} data.train_files=[...] (or data.name=files)."
+        )
+    if data.train_on_prompt and data.last_turn_only:
+        raise ConfigError("data.train_on_prompt and data.last_turn_only contradict each other: set at most one.")
+    if data.seq_len < 8 or data.packing_window < 1:
+        raise ConfigError(f"data.seq_len={data.seq_len} must be at least 8, data.packing_window at least 1")
+    if data.split:
+        check_split_ratios(data.split)
+    data.clean.check()
 
 
 def validate_accelerator(cfg: TrainConfig, accelerator) -> None:

@@ -20,12 +20,10 @@ import datasets
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from dstrain.data_config import CONFIG_KEY, CleanConfig, check_limits, compile_pattern
+from dstrain.data_config import CONFIG_KEY, SPLIT_NAMES, CleanConfig, check_limits, check_split_ratios, compile_pattern
 from dstrain.errors import ConfigError, DataError
 
 TEXT_COLUMN = "text"
-SPLIT_KEY = "data.split"
-SPLIT_NAMES = ("train", "validation", "test")
 # The text that the filters and dedup compare, kept apart so that the text column can keep what trains.
 _KEY_COLUMN = "__dstrain_clean_key__"
 _BATCH_SIZE = 1000
@@ -282,19 +280,6 @@ def drop_by_token_count(
         )
         report.record(name, reason, rows_in, len(dataset))
     return dataset
-
-
-def check_split_ratios(ratios: Sequence[float], names: Sequence[str] = SPLIT_NAMES) -> None:
-    """Refuse ratios that are not 2 or 3 non-negative fractions summing to 1."""
-    ratios = list(ratios)
-    if len(ratios) not in (2, 3):
-        raise ConfigError(f"{SPLIT_KEY}={ratios}: give 2 or 3 ratios (train, validation[, test]), e.g. [0.98,0.01,0.01]")
-    if len(ratios) > len(names):
-        raise ConfigError(f"{SPLIT_KEY}={ratios}: {len(ratios)} ratios but only the split names {list(names)}")
-    if any(not isinstance(r, (int, float)) or r < 0 for r in ratios):
-        raise ConfigError(f"{SPLIT_KEY}={ratios}: every ratio must be a number of 0 or more")
-    if abs(sum(ratios) - 1.0) > 1e-6:
-        raise ConfigError(f"{SPLIT_KEY}={ratios} sums to {sum(ratios):g}; the ratios must sum to 1")
 
 
 def _split_position(key: str) -> float:

@@ -4,13 +4,15 @@ each module short); like it, light to import, so that composing a config loads n
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from dstrain.config_fields import one_of
 from dstrain.errors import ConfigError
 
 # Where the cleaning settings live in the schema, for error messages.
 CONFIG_KEY = "data.clean"
+SPLIT_KEY = "data.split"
+SPLIT_NAMES = ("train", "validation", "test")
 # The built-in chat templates (dstrain.chat.BUILTIN_TEMPLATES holds their text).
 BUILTIN_TEMPLATE_NAMES = ("alpaca", "chatml", "llama-2", "llama-3")
 
@@ -77,6 +79,19 @@ def compile_pattern(pattern: str) -> "re.Pattern[str]":
         return re.compile(pattern)
     except re.error as error:
         raise ConfigError(f"{CONFIG_KEY}.drop_regex: {pattern!r} is not a valid regular expression ({error})") from None
+
+
+def check_split_ratios(ratios: Sequence[float], names: Sequence[str] = SPLIT_NAMES) -> None:
+    """Refuse ratios that are not 2 or 3 non-negative fractions summing to 1."""
+    ratios = list(ratios)
+    if len(ratios) not in (2, 3):
+        raise ConfigError(f"{SPLIT_KEY}={ratios}: give 2 or 3 ratios (train, validation[, test]), e.g. [0.98,0.01,0.01]")
+    if len(ratios) > len(names):
+        raise ConfigError(f"{SPLIT_KEY}={ratios}: {len(ratios)} ratios but only the split names {list(names)}")
+    if any(not isinstance(r, (int, float)) or r < 0 for r in ratios):
+        raise ConfigError(f"{SPLIT_KEY}={ratios}: every ratio must be a number of 0 or more")
+    if abs(sum(ratios) - 1.0) > 1e-6:
+        raise ConfigError(f"{SPLIT_KEY}={ratios} sums to {sum(ratios):g}; the ratios must sum to 1")
 
 
 @dataclass
