@@ -10,7 +10,6 @@ moves an existing sample to another split, and identical texts always share a sp
 """
 
 import hashlib
-import re
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,8 +19,8 @@ import datasets
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from dstrain.data_config import CONFIG_KEY, SPLIT_NAMES, CleanConfig, check_limits, check_split_ratios, compile_pattern
-from dstrain.errors import ConfigError, DataError
+from dstrain.data_config import SPLIT_NAMES, CleanConfig, check_limits, check_split_ratios, compile_pattern
+from dstrain.errors import DataError
 
 TEXT_COLUMN = "text"
 # The text that the filters and dedup compare, kept apart so that the text column can keep what trains.
