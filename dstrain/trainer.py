@@ -34,7 +34,7 @@ from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.distributed import (
     from_rank_zero, init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
 )
-from dstrain.errors import ExitCode, TrainingDiverged
+from dstrain.errors import ConfigError, ExitCode, TrainingDiverged
 from dstrain.evaluation import EVALUATORS
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
@@ -137,6 +137,12 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         data = prepare(cfg, tokenizer, fingerprint, needs_validation=bool(cfg.trainer.eval_every))
     if rank == 0:
         write_report(data, run_dir)
+    if data.validation is not None and len(data.validation) < cfg.trainer.micro_batch_size * world_size:
+        raise ConfigError(
+            f"the validation data has {len(data.validation)} rows, fewer than one micro-batch per rank "
+            f"({cfg.trainer.micro_batch_size} x {world_size} ranks), so evaluation would see nothing. Give more "
+            f"validation data (a larger data.split ratio or more data.val_files) or lower trainer.micro_batch_size."
+        )
     engine, checkpoints, resume_from = build_engine(cfg, tokenizer, ds_config, run_dir, rank, world_size,
                                                     DataIdentity(data.fingerprint, data.chat_template))
     state = checkpoints.load(engine, resume_from) if resume_from is not None else TrainState()
