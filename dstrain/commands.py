@@ -1,5 +1,6 @@
 """The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
 
+    dstrain prepare [OVERRIDE ...]
     dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged] [--format hf]
     dstrain submit [--dry-run] [OVERRIDE ...]
     dstrain report RUN_DIR
@@ -12,11 +13,89 @@ argparse uses for a bad argument).
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from dstrain.errors import DstrainError
 
 PROG = "dstrain"
+
+
+def add_prepare_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "prepare",
+        help="prepare a run's data into the cache, so that training starts in seconds",
+        description=(
+            "Compose and check the config from the same overrides as launch/train.py, then read, clean, split, "
+            "tokenise and pack the data in this one CPU process, into data.cache_dir/<data fingerprint> "
+            "(instruction data) or the datasets cache (data.format=text). Training with the same overrides "
+            "reuses it. Writes the data report to <run.root>/<run.name>/data_report.json."
+        ),
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE",
+        help="Hydra overrides, e.g. +data=alpaca data.train_files=[/data/alpaca.json]",
+    )
+    parser.set_defaults(handler=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> None:
+    import logging
+
+    import datasets
+
+    from dstrain.checks import validate
+    from dstrain.data import build_tokenizer
+    from dstrain.preparation import data_fingerprint, prepare, write_report
+
+    cfg = compose_like_training(args.overrides)
+    validate(cfg)
+    # The preparation logs each step's counts on the "dstrain" logger, as training does (trainer.setup_logging).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout, force=True)
+    for noisy in ("datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # Progress bars help at a terminal; in a job's log they are noise.
+        datasets.disable_progress_bars()
+    tokenizer = build_tokenizer(cfg)
+    fingerprint = data_fingerprint(cfg, tokenizer)
+    prepared = prepare(cfg, tokenizer, fingerprint, needs_validation=bool(cfg.trainer.eval_every))
+    report = write_report(prepared, Path(cfg.run.root) / cfg.run.name)
+    print(f"data fingerprint {fingerprint}")
+    if cfg.data.format == "text":
+        print("  tokenised into the datasets cache (data.format=text has no cache entry of its own)")
+    else:
+        print(f"  cache entry: {Path(cfg.data.cache_dir) / fingerprint}")
+    for name, section in prepared.report["splits"].items():
+        print(f"  {name}: {section['rows']:,} rows of data.seq_len={cfg.data.seq_len}")
+    print(f"  report: {report}")
+
+
+def compose_like_training(overrides: List[str]):
+    """The typed config of `launch/train.py <overrides>`, run.name included: without run.name= it is named
+    after the overrides, which only Hydra's runtime config knows, so that is composed and set here as
+    hydra.main would."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+
+    from dstrain.compose import CONF_DIR, normalize_argv, one_line, register
+    from dstrain.errors import ConfigError
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            dict_config = compose("train", overrides=normalize_argv(list(overrides)), return_hydra_config=True)
+    except HydraException as error:
+        raise ConfigError(one_line(error)) from None
+    HydraConfig.instance().set_config(dict_config)
+    try:
+        with open_dict(dict_config):
+            del dict_config["hydra"]
+        return OmegaConf.to_object(dict_config)
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def add_export_command(subparsers) -> None:
@@ -101,6 +180,7 @@ def run_report(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="dstrain: tools around training runs.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_prepare_command(subparsers)
     add_export_command(subparsers)
     add_submit_command(subparsers)
     add_report_command(subparsers)
