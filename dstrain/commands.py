@@ -45,10 +45,11 @@ def run_prepare(args: argparse.Namespace) -> None:
     import datasets
 
     from dstrain.checks import validate
+    from dstrain.compose import compose
     from dstrain.data import build_tokenizer
     from dstrain.preparation import data_fingerprint, prepare, write_report
 
-    cfg = compose_like_training(args.overrides)
+    cfg = compose(args.overrides)
     validate(cfg)
     # The preparation logs each step's counts on the "dstrain" logger, as training does (trainer.setup_logging).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
@@ -69,33 +70,6 @@ def run_prepare(args: argparse.Namespace) -> None:
     for name, section in prepared.report["splits"].items():
         print(f"  {name}: {section['rows']:,} rows of data.seq_len={cfg.data.seq_len}")
     print(f"  report: {report}")
-
-
-def compose_like_training(overrides: List[str]):
-    """The typed config of `launch/train.py <overrides>`, run.name included: without run.name= it is named
-    after the overrides, which only Hydra's runtime config knows, so that is composed and set here as
-    hydra.main would."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf, open_dict
-
-    from dstrain.compose import CONF_DIR, normalize_argv, one_line, register
-    from dstrain.errors import ConfigError
-
-    register()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            dict_config = compose("train", overrides=normalize_argv(list(overrides)), return_hydra_config=True)
-    except HydraException as error:
-        raise ConfigError(one_line(error)) from None
-    HydraConfig.instance().set_config(dict_config)
-    try:
-        with open_dict(dict_config):
-            del dict_config["hydra"]
-        return OmegaConf.to_object(dict_config)
-    finally:
-        HydraConfig.instance().cfg = None
 
 
 def add_export_command(subparsers) -> None:

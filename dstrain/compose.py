@@ -13,7 +13,7 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import List, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from dstrain.config import TrainConfig, register_schema
 from dstrain.errors import ConfigError
@@ -73,20 +73,28 @@ def register() -> None:
 
 
 def compose(overrides: Sequence[str], run_name: str = None) -> TrainConfig:
-    """The typed config that `launch/train.py <overrides>` would train, without Hydra's runtime. run.name is
-    derived from the overrides only under hydra.main; outside it, give `run_name` (or run.name=...)."""
+    """The typed config that `launch/train.py <overrides>` would train, run.name included: without run.name=
+    (or `run_name`) it is named after the overrides, which only Hydra's runtime config knows, so that is
+    composed too and set for the moment, as hydra.main would."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from hydra.errors import HydraException
 
     register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            dict_config = hydra_compose("train", overrides=normalize_argv(list(overrides)))
+            dict_config = hydra_compose("train", overrides=normalize_argv(list(overrides)), return_hydra_config=True)
     except HydraException as error:
         raise ConfigError(one_line(error)) from None
     if run_name is not None:
         dict_config.run.name = run_name
-    return OmegaConf.to_object(dict_config)
+    HydraConfig.instance().set_config(dict_config)
+    try:
+        with open_dict(dict_config):
+            del dict_config["hydra"]
+        return OmegaConf.to_object(dict_config)
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def one_line(error: Exception) -> str:

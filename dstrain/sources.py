@@ -220,7 +220,7 @@ def _jsonl_error(path: str, reason: str) -> DataError:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n"))
             except UnicodeDecodeError as error:
                 return DataError(f"{path}:{number}: not UTF-8 ({error.reason}). Save the file as UTF-8.")
             except json.JSONDecodeError as error:
