@@ -5,6 +5,11 @@ often it saves, when it is interrupted, and how (SIGKILL of every process, or SI
 saves and exits 75). An uninterrupted run and the interrupted-then-rerun run must agree on every step's loss,
 LR and batch (the digest of the tokens rank 0 read), and on the final weights, bit for bit.
 
+Instruction data (alpaca records, packed rows with position_ids and masked labels) gets two fixed scenarios
+of its own: a SIGKILL after a checkpoint, and a move from 2 ranks to 1 at the same global batch. They share
+one uninterrupted 2-rank run (shared_run), and every run prepares its data afresh (a cache directory per run),
+so they also check that preparing the same records twice gives the same rows.
+
 CI runs the draws in CI_SEEDS. Before a release, run many more:
     DSTRAIN_RESUME_DRAWS=40 pytest -m release tests/test_resume_scenarios.py
 (the seeds then start at DSTRAIN_RESUME_FIRST_SEED, default 1000; each scenario's seed is in its test id, and
@@ -18,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import shutil
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -46,13 +52,15 @@ class Scenario:
     # The interruption comes once this step's loss is logged (SIGUSR1), or this step's checkpoint exists (SIGKILL).
     interrupt_after: int
     how: str
+    # More overrides, e.g. the data: what the drawn scenarios leave at the defaults (built-in text).
+    data: Tuple[str, ...] = ()
 
     def overrides(self) -> Tuple[str, ...]:
         return (
             f"+zero={self.zero}", f"+precision={self.precision}", f"trainer.micro_batch_size={self.micro_batch}",
             f"trainer.gradient_accumulation_steps={self.accumulation}", f"data.seq_len={self.seq_len}",
             f"trainer.max_steps={self.max_steps}", f"trainer.save_every={self.save_every}",
-            "scheduler.warmup_steps=2", "trainer.eval_every=0", "logger.log_every=5",
+            "scheduler.warmup_steps=2", "trainer.eval_every=0", "logger.log_every=5", *self.data,
         )
 
 
@@ -138,11 +146,13 @@ def _interrupt(tmp_path, scenario: Scenario) -> str:
     return output
 
 
-def check_scenario(tmp_path, scenario: Scenario) -> None:
+def check_scenario(tmp_path, scenario: Scenario, reference=None) -> None:
+    """`reference`: the uninterrupted run of the same overrides on as many ranks, where one exists already."""
     print(f"resume scenario: {scenario}")
     # One rank runs as a plain process (ranks=0 to the helper), as _start starts it.
     launch = scenario.ranks if scenario.ranks > 1 else 0
-    reference = train(tmp_path, *scenario.overrides(), ranks=launch, name="reference")
+    if reference is None:
+        reference = train(tmp_path, *scenario.overrides(), ranks=launch, name="reference")
     output = _interrupt(tmp_path, scenario)
     run_dir = tmp_path / "outputs" / "interrupted"
     interrupted_at = max(_rows(run_dir))
@@ -187,3 +197,100 @@ def test_the_draws_cover_every_axis():
                          ("how", {"sigkill", "sigusr1"}), ("accumulation", {1, 2, 3})):
         assert {getattr(scenario, axis) for scenario in scenarios} == values, axis
     print("CI draws:", *(draw(seed) for seed in CI_SEEDS), sep="\n  ")
+
+
+# --- Instruction data ---------------------------------------------------------------------------------------
+
+_WORDS = ("the river model answer question light small quickly under between data water city garden music "
+          "number simple green travel history window because before after every people write explain").split()
+
+
+def alpaca_records(count: int, seed: int) -> list:
+    """Alpaca records of varied length (about one in seven longer than 256 bytes, so truncated), a third with
+    an input, most with a short system prompt, some with an earlier exchange (two counted answers), and a few
+    exact copies (which cleaning drops). Every record has every field (empty where unused)."""
+    rng = random.Random(seed)
+
+    def text(low: int, high: int) -> str:
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(low, high))).capitalize() + "."
+
+    records = []
+    for _ in range(count):
+        if records and rng.random() < 0.03:
+            records.append(dict(rng.choice(records)))
+            continue
+        records.append({
+            "instruction": text(1, 6),
+            "input": text(1, 6) if rng.random() < 0.35 else "",
+            "output": "\n".join(text(1, 6) for _ in range(rng.choice([1, 1, 1, 1, 2, 2, 3, 12]))),
+            # A short system prompt stands in for the template's 100-token preamble, so most samples share rows.
+            "system": rng.choice(["Be brief.", "Answer plainly.", "You are a helpful assistant."])
+            if rng.random() < 0.85 else "",
+            "history": [[text(1, 5), text(1, 6)]] if rng.random() < 0.15 else [],
+        })
+    return records
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("alpaca") / "alpaca.json"
+    path.write_text(json.dumps(alpaca_records(300, seed=9)))
+    return path
+
+
+def instruction_scenario(alpaca_file) -> Scenario:
+    """2 ranks x micro-batch 4 x accumulation 2 packed rows of 256 tokens per step: the 12 steps read about 1.3
+    epochs of the ~140 training rows (~210 samples, 1 to 3 a row), so the resumed run crosses an epoch
+    boundary. ZeRO-2 (which a world-size change converts through DeepSpeed's universal format) in fp32 (a
+    world-size change only reorders fp32 sums, which the comparison's tolerance allows)."""
+    data = (
+        "+data=alpaca", f"data.train_files=[{alpaca_file}]", "data.template=alpaca",
+        # Every run prepares its own data: two preparations of the same records must give the same rows.
+        "data.cache_dir=${run.root}/data_cache_${run.name}",
+    )
+    return Scenario(seed=0, zero="2", precision="fp32", ranks=2, micro_batch=4, accumulation=2, seq_len=256,
+                    max_steps=12, save_every=4, interrupt_after=4, how="sigkill", data=data)
+
+
+def _check_instruction_rows(run_dir) -> None:
+    """The run read packed instruction rows (position_ids, masked labels), not plain text blocks."""
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["format"] == "alpaca" and "packing_efficiency" in report["splits"]["train"], report
+    assert report["splits"]["train"]["truncated"]["kept_the_answer"] > 0, report
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_an_interrupted_instruction_run_resumes_exactly(tmp_path, shared_run, alpaca_file):
+    scenario = instruction_scenario(alpaca_file)
+    reference = shared_run(*scenario.overrides())
+    _check_instruction_rows(reference.run_dir)
+    assert max(row.get("epoch", 0) for row in reference.metrics()) >= 1, "the run never reached a second epoch"
+    check_scenario(tmp_path, scenario, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_an_instruction_run_resumes_on_another_world_size(tmp_path, shared_run, alpaca_file):
+    """The shared 2-rank run's step-4 checkpoint, resumed on 1 rank with twice the accumulation (the global
+    batch stays 16 rows, so every step reads the same rows): as tests/test_faults.py's
+    test_resume_on_another_world_size checks text runs, the LR is the same and the losses agree up to the
+    order of floating-point sums."""
+    scenario = instruction_scenario(alpaca_file)
+    reference = shared_run(*scenario.overrides())
+    step = scenario.save_every
+    run_dir = tmp_path / "outputs" / "moved"
+    checkpoint = f"step_{step:08d}"
+    shutil.copytree(reference.run_dir / "checkpoints" / checkpoint, run_dir / "checkpoints" / checkpoint)
+    (run_dir / "checkpoints" / "latest").write_text(checkpoint)
+
+    one_rank = (*scenario.overrides(), f"trainer.gradient_accumulation_steps={2 * scenario.accumulation}")
+    resumed = train(tmp_path, *one_rank, ranks=0, name="moved")
+    assert "to DeepSpeed's universal format" in resumed.output and f"at step {step}" in resumed.output, \
+        resumed.output[-4000:]
+    _check_instruction_rows(run_dir)
+    expected, got = _rows(reference.run_dir), _rows(run_dir)
+    assert sorted(got) == list(range(step + 1, scenario.max_steps + 1))
+    for number in got:
+        assert got[number]["lr"] == expected[number]["lr"], f"step {number}"
+        assert got[number]["loss"] == pytest.approx(expected[number]["loss"], rel=1e-4), f"step {number}"
