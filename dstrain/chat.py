@@ -92,7 +92,7 @@ class AlpacaFormat:
     def conversation(self, record: dict, where: str) -> List[Turn]:
         names = self.fields
         turns = _system_turn(record, names.system, where)
-        for index, pair in enumerate(_list(record.get(names.history, []), where, names.history,
+        for index, pair in enumerate(_list(record.get(names.history) or [], where, names.history,
                                            "Give history as a list of [user, assistant] pairs, or leave it out.")):
             place = f"{names.history}[{index}]"
             if not (isinstance(pair, list) and len(pair) == 2):

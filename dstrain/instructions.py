@@ -146,7 +146,9 @@ class _Steps:
 
 
 def _column(samples: datasets.Dataset, name: str) -> np.ndarray:
-    return np.asarray(samples.with_format("numpy")[name]) if len(samples) else np.zeros(0, dtype=np.int64)
+    if not len(samples):
+        return np.zeros(0, dtype=np.int64)
+    return samples.with_format("arrow", columns=[name])[:].column(name).to_numpy()
 
 
 def truncated(ids: List[int], labels: List[int], seq_len: int) -> Tuple[List[int], List[int], bool]:

@@ -122,6 +122,12 @@ def test_the_formats_read_the_same_conversation():
         assert RECORD_FORMATS[name]().conversation(record, "/data/a.jsonl:3") == expected, name
 
 
+def test_alpaca_history_given_as_null_is_no_history():
+    # datasets fills a field that only some records of a file have with None in the others.
+    record = {"instruction": "Say hi.", "input": None, "output": "Hi.", "history": None, "system": None}
+    assert [turn["role"] for turn in RECORD_FORMATS["alpaca"]().conversation(record, "a.json[0]")] == ["user", "assistant"]
+
+
 def test_alpaca_without_input_system_or_history_is_one_exchange():
     turns = RECORD_FORMATS["alpaca"]().conversation({"instruction": "Hi", "input": "", "output": "Hello"}, "x:1")
     assert turns == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
