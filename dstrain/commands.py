@@ -47,7 +47,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     from dstrain.checks import validate
     from dstrain.compose import compose
     from dstrain.data import build_tokenizer
-    from dstrain.preparation import data_fingerprint, prepare, write_report
+    from dstrain.preparation import cache_entry, data_fingerprint, prepare, write_report
 
     cfg = compose(args.overrides)
     validate(cfg)
@@ -66,7 +66,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     if cfg.data.format == "text":
         print("  tokenised into the datasets cache (data.format=text has no cache entry of its own)")
     else:
-        print(f"  cache entry: {Path(cfg.data.cache_dir) / fingerprint}")
+        print(f"  cache entry: {cache_entry(cfg, fingerprint)}")
     for name, section in prepared.report["splits"].items():
         print(f"  {name}: {section['rows']:,} rows of data.seq_len={cfg.data.seq_len}")
     print(f"  report: {report}")

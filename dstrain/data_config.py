@@ -151,7 +151,8 @@ class DataConfig:
     clean: CleanConfig = field(default_factory=CleanConfig)
     # Prepared instruction data is kept here, one directory per data fingerprint (`dstrain prepare` fills it;
     # training reuses it and starts in seconds). On a cluster, a directory every node can read.
-    cache_dir: str = "${run.root}/data_cache"
+    # None: <run.root>/data_cache.
+    cache_dir: Optional[str] = None
     # Resuming a checkpoint whose data fingerprint (the inputs' contents, the data settings, the tokenizer)
     # differs from this run's: "refuse" stops with an error; "warn" logs it and resumes.
     changed_on_resume: str = one_of("refuse", "refuse", "warn")

@@ -96,7 +96,7 @@ def prepare(cfg: TrainConfig, tokenizer, fingerprint: str, needs_validation: boo
         if validation is not None:
             report["splits"]["validation"] = {"rows": len(validation)}
         return PreparedData(train, validation, fingerprint, None, dict(report, fingerprint=fingerprint))
-    entry = Path(cfg.data.cache_dir) / fingerprint
+    entry = cache_entry(cfg, fingerprint)
     if not (entry / REPORT).is_file():
         _prepare_into(entry, cfg, tokenizer, fingerprint)
     else:
@@ -108,6 +108,10 @@ def prepare(cfg: TrainConfig, tokenizer, fingerprint: str, needs_validation: boo
                           "data.val_files, or a data.split with a validation ratio above 0.")
     validation = splits.get("validation") if needs_validation else None
     return PreparedData(splits["train"], validation, fingerprint, (entry / TEMPLATE).read_text(), report)
+
+
+def cache_entry(cfg: TrainConfig, fingerprint: str) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.run.root) / "data_cache") / fingerprint
 
 
 def _prepare_into(entry: Path, cfg: TrainConfig, tokenizer, fingerprint: str) -> None:

@@ -314,7 +314,7 @@ def _prepared_split(run, split: str):
     """The rows training read, from the prepared-data cache entry that the run's report names."""
     import datasets
 
-    cache_dir = run.run_dir.parent / "data_cache"  # data.cache_dir's default, ${run.root}/data_cache
+    cache_dir = run.run_dir.parent / "data_cache"  # data.cache_dir's default, <run.root>/data_cache
     return datasets.load_from_disk(str(cache_dir / _report(run)["fingerprint"] / split))
 
 
