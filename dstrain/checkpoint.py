@@ -50,6 +50,8 @@ class TrainState:
     samples_consumed: int = 0
     # The W&B run this training logs into, so that a resumed or requeued job continues it.
     tracker_run_id: Optional[str] = None
+    # The same for MLflow; None in checkpoints from before dstrain logged to MLflow.
+    mlflow_run_id: Optional[str] = None
 
 
 def _rng_state() -> dict:

@@ -207,6 +207,21 @@ class TensorBoardConfig:
 
 
 @dataclass
+class MlflowConfig:
+    # Log to MLflow (+logger=mlflow turns it on).
+    enabled: bool = False
+    # Where runs are tracked: a server ("http://host:5000") or any MLflow store URI; None: a local SQLite store
+    # in the run directory, sqlite:///<run dir>/mlflow.db.
+    tracking_uri: Optional[str] = None
+    # The MLflow experiment, created on first use.
+    experiment: str = "dstrain"
+    # The MLflow run's name; by default the run directory's name.
+    run_name: Optional[str] = None
+    # Tags set on the MLflow run.
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class LoggerConfig:
     # The metrics file in the run directory, always written.
     file: str = one_of("jsonl", "jsonl", "csv")
@@ -216,6 +231,8 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # TensorBoard.
     tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    # MLflow.
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass

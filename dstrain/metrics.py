@@ -1,31 +1,38 @@
 """Where metrics go, from rank 0 only: the console, a metrics file in the run directory, and the trackers
-that logger.* turns on (W&B, TensorBoard). Each destination is a `MetricsSink` that gets the same rows.
+that logger.* turns on (W&B, TensorBoard, MLflow). Each destination is a `MetricsSink` that gets the same rows.
 """
 
 import csv
 import json
 import logging
+import numbers
 import os
+import re
 import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Protocol
+from typing import Callable, Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from dstrain.config import LoggerConfig, WandbConfig
+from dstrain.config import LoggerConfig, MlflowConfig, WandbConfig, flatten
 
 log = logging.getLogger("dstrain")
 
 
-class MetricsSink(Protocol):
-    def write(self, step: int, metrics: Dict[str, float]) -> None: ...
+class MetricsSink:
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def checkpoint_saved(self, step: int, path: Path) -> None:
+        """Most sinks record a save by its row alone (checkpoint_step, checkpoint_save_s)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
-class JsonlSink:
+class JsonlSink(MetricsSink):
     def __init__(self, path: Path):
         self._file = open(path, "a", encoding="utf-8")
 
@@ -37,7 +44,7 @@ class JsonlSink:
         self._file.close()
 
 
-class CsvSink:
+class CsvSink(MetricsSink):
     """Train and eval rows have different keys, so each row is written in long form: step, metric, value."""
 
     def __init__(self, path: Path):
@@ -55,7 +62,7 @@ class CsvSink:
         self._file.close()
 
 
-class TensorBoardSink:
+class TensorBoardSink(MetricsSink):
     def __init__(self, directory: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -71,7 +78,7 @@ class TensorBoardSink:
         self._writer.close()
 
 
-class WandbSink:
+class WandbSink(MetricsSink):
     """One W&B run per training run: its id is kept in every checkpoint, so a resumed or requeued job logs on
     into the same run. W&B trouble never stops training: init falls back to offline, and a failing log call
     turns W&B off for the rest of the run, each with one warning."""
@@ -118,6 +125,122 @@ class WandbSink:
             self._run.finish()
 
 
+class MlflowSink(MetricsSink):
+    """One MLflow run per training run: its id is kept in every checkpoint, so a resumed or requeued job logs on
+    into the same run. The resolved config becomes the run's params, every row its metrics, and every save a
+    tag `checkpoint/<tag>` holding the checkpoint's path. MLflow trouble never stops training: a store that
+    cannot be reached at start, or a call that fails later, turns MLflow off with one warning."""
+
+    def __init__(self, cfg: MlflowConfig, run_dir: Path, config: dict, run_id: Optional[str]):
+        from mlflow.tracking import MlflowClient
+
+        # Where MLflow cannot start, the checkpoint keeps the id it had, for the next resume to continue.
+        self.run_id = run_id
+        self._client = None
+        tracking_uri = cfg.tracking_uri or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            self.run_id, logged = _mlflow_run(client, cfg, tracking_uri, run_dir.name, run_id)
+            _log_config(client, self.run_id, mlflow_params(config), logged, cfg.tags)
+        except Exception as error:  # noqa: BLE001 - no server, a bad URI, a locked database: all the same to training
+            log.warning("MLflow could not start at %s (%s: %s); MLflow is off for this run, the metrics file keeps "
+                        "everything.", tracking_uri, type(error).__name__, " ".join(str(error).split())[:500])
+            return
+        self._client = client
+        log.info("MLflow run %s at %s", self.run_id, tracking_uri)
+
+    def write(self, step: int, metrics: Dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        # Only numbers are metrics in MLflow.
+        values = [Metric(_mlflow_key(key), float(value), timestamp, step)
+                  for key, value in metrics.items() if isinstance(value, numbers.Real)]
+        self._call(lambda client: client.log_batch(self.run_id, metrics=values))
+
+    def checkpoint_saved(self, step: int, path: Path) -> None:
+        self._call(lambda client: client.set_tag(self.run_id, f"checkpoint/{path.name}", str(path)))
+
+    def close(self) -> None:
+        self._call(lambda client: client.set_terminated(self.run_id, "FINISHED"))
+
+    def _call(self, call: Callable) -> None:
+        if self._client is None:
+            return
+        try:
+            call(self._client)
+        except Exception as error:  # noqa: BLE001
+            log.warning("MLflow logging failed (%s: %s); MLflow is off for the rest of this run, the metrics file "
+                        "keeps everything.", type(error).__name__, " ".join(str(error).split())[:500])
+            self._client = None
+
+
+def _mlflow_run(client, cfg: MlflowConfig, tracking_uri: str, default_name: str,
+                run_id: Optional[str]) -> Tuple[str, Dict[str, str]]:
+    """The run to log into, and the params it already holds: the checkpoint's run, or a new one."""
+    from mlflow.exceptions import MlflowException
+
+    if run_id is not None:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("the checkpoint's MLflow run %s is not in %s (another tracking_uri?); starting a new MLflow "
+                        "run", run_id, tracking_uri)
+        else:
+            client.update_run(run_id, status="RUNNING")
+            return run_id, run.data.params
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=_artifact_location(tracking_uri))
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=cfg.run_name or default_name)
+    return run.info.run_id, {}
+
+
+def _artifact_location(tracking_uri: str) -> Optional[str]:
+    """A SQLite store's artifacts go next to its database: MLflow's default is ./mlruns in whatever directory
+    training was started from. A server has an artifact store of its own."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return str(Path(tracking_uri[len(prefix):]).resolve().parent / "mlflow-artifacts")
+
+
+def _log_config(client, run_id: str, params: Dict[str, str], logged: Dict[str, str], tags: Dict[str, str]) -> None:
+    """MLflow refuses to change a param, so a resumed run keeps the values it started with; a setting the
+    resume changed (a larger trainer.max_steps, say) is recorded as the tag `resumed_with/<key>`."""
+    from mlflow.entities import Param, RunTag
+
+    new = [Param(key, value) for key, value in params.items() if key not in logged]
+    changed = {f"resumed_with/{key}": value for key, value in params.items() if key in logged and logged[key] != value}
+    client.log_batch(run_id, params=new, tags=[RunTag(key, str(value)) for key, value in {**tags, **changed}.items()])
+
+
+# MLflow's limit on a param's value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH); longer ones are cut to fit.
+MLFLOW_PARAM_LENGTH = 6000
+CUT_MARK = "...[cut]"
+
+
+def mlflow_params(config: dict) -> Dict[str, str]:
+    """The resolved config as MLflow params: flattened keys (model.hidden_size) and values as text."""
+    params = {}
+    for key, value in flatten(config).items():
+        text = str(value)
+        if len(text) > MLFLOW_PARAM_LENGTH:
+            text = text[: MLFLOW_PARAM_LENGTH - len(CUT_MARK)] + CUT_MARK
+        params[_mlflow_key(key)] = text
+    return params
+
+
+def _mlflow_key(key: str) -> str:
+    """MLflow names allow letters, digits, _ - . : / and spaces, up to 250 characters; keys under a mapping of
+    the user's (data.fields.*) may hold anything else."""
+    return re.sub(r"[^\w\-.:/ ]", "_", key)[:250]
+
+
 # Kept in the sinks for checking a run afterwards, not worth a place on the console.
 NOT_ON_CONSOLE = {"batch_digest"}
 
@@ -147,12 +270,13 @@ class MetricsLogger:
 
     def __init__(
         self, run_dir: Path, cfg: LoggerConfig, is_rank0: bool, max_steps: int, start_step: int,
-        config: dict, tracker_run_id: Optional[str],
+        config: dict, tracker_run_id: Optional[str], mlflow_run_id: Optional[str] = None,
     ):
         self.is_rank0 = is_rank0
         self.sinks: List[MetricsSink] = []
         self.progress = None
-        self.tracker_run_id = tracker_run_id
+        # The runs this training logs into (W&B's, MLflow's), for the checkpoints to keep.
+        self.tracker_run_id, self.mlflow_run_id = tracker_run_id, mlflow_run_id
         self._max_steps, self._start_step = max_steps, start_step
         self._started = time.perf_counter()
         if not is_rank0:
@@ -164,6 +288,10 @@ class MetricsLogger:
             wandb_sink = WandbSink(cfg.wandb, run_dir, run_dir.name, config, tracker_run_id)
             self.tracker_run_id = wandb_sink.run_id
             self.sinks.append(wandb_sink)
+        if cfg.mlflow.enabled:
+            mlflow_sink = MlflowSink(cfg.mlflow, run_dir, config, mlflow_run_id)
+            self.mlflow_run_id = mlflow_sink.run_id
+            self.sinks.append(mlflow_sink)
         if sys.stderr.isatty():
             self.progress = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
@@ -178,6 +306,11 @@ class MetricsLogger:
                 self.progress.write(line)
             else:
                 log.info("%s%s", line, self._eta(step))
+
+    def checkpoint_saved(self, step: int, path: Path, save_s: float) -> None:
+        self.log(step, {"checkpoint_step": step, "checkpoint_save_s": save_s}, echo=False)
+        for sink in self.sinks:
+            sink.checkpoint_saved(step, path)
 
     def _eta(self, step: int) -> str:
         done = step - self._start_step

@@ -99,7 +99,7 @@ class Training:
     checkpoints: CheckpointManager
     metrics: MetricsLogger
     cadence: Cadence
-    # Where training stands: the step, the data position, the tracker's run id. Restored from a checkpoint.
+    # Where training stands: the step, the data position, the trackers' run ids. Restored from a checkpoint.
     state: TrainState
 
 
@@ -151,12 +151,13 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         world_size, rank, pad_id(tokenizer),
     )
     metrics = MetricsLogger(
-        run_dir, cfg.logger, rank == 0, cfg.trainer.max_steps, state.step, asdict(cfg), state.tracker_run_id
+        run_dir, cfg.logger, rank == 0, cfg.trainer.max_steps, state.step, asdict(cfg), state.tracker_run_id,
+        state.mlflow_run_id,
     )
     cadence = Cadence(cfg.trainer.max_steps, cfg.logger.log_every, cfg.trainer.eval_every, cfg.trainer.save_every)
     return Training(
         cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence,
-        replace(state, tracker_run_id=metrics.tracker_run_id),
+        replace(state, tracker_run_id=metrics.tracker_run_id, mlflow_run_id=metrics.mlflow_run_id),
     )
 
 
@@ -224,9 +225,9 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
             if t.cadence.saves(step, stopping):
                 watchdog.progress()
                 save_started = time.perf_counter()
-                log.info("saved checkpoint %s", t.checkpoints.save(t.engine, state))
-                t.metrics.log(step, {"checkpoint_step": step, "checkpoint_save_s": time.perf_counter() - save_started},
-                              echo=False)
+                saved = t.checkpoints.save(t.engine, state)
+                log.info("saved checkpoint %s", saved)
+                t.metrics.checkpoint_saved(step, saved, time.perf_counter() - save_started)
             step_started = time.perf_counter()
     if stopping:
         log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is restarted, "

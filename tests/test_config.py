@@ -521,13 +521,14 @@ def test_unknown_logger_lists_the_valid_ones(tmp_path):
     assert completed.returncode != 0
     assert "Could not find 'logger/neptune'" in completed.stderr
     assert "Available options in 'logger'" in completed.stderr
-    for name in ("csv", "jsonl", "tensorboard", "wandb"):
+    for name in ("csv", "jsonl", "tensorboard", "wandb", "mlflow"):
         assert f"\t{name}\n" in completed.stderr
 
 
 def test_several_loggers_at_once(tmp_path):
-    logger = cfg_job(tmp_path, "+logger=[csv,wandb,tensorboard]")["logger"]
+    logger = cfg_job(tmp_path, "+logger=[csv,wandb,tensorboard,mlflow]")["logger"]
     assert logger["file"] == "csv" and logger["wandb"]["enabled"] and logger["tensorboard"]["enabled"]
+    assert logger["mlflow"]["enabled"]
 
 
 def test_wandb_mode_lists_its_choices():
