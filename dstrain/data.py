@@ -84,6 +84,7 @@ def read_role(cfg: TrainConfig, role: str) -> datasets.Dataset:
     specs = [SourceSpec(path=str(path), format=data.reader, split=role, weight=weight, max_rows=cap)
              for path, weight, cap in zip(paths, weights, caps)]
     records = [read_records(spec) for spec in specs]
+    # One source taken whole keeps its file order (mix would shuffle it for nothing).
     if len(records) == 1 and weights[0] == 1.0 and not caps[0]:
         return records[0]
     mixed, _ = mix(records, specs, cfg.trainer.seed)

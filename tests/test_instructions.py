@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dstrain.config import TrainConfig
-from dstrain.data import IGNORE_INDEX, BatchPlan, byte_level_tokenizer, collate, pad_id
+from dstrain.data import IGNORE_INDEX, BatchPlan, byte_level_tokenizer, collate, pad_batch, pad_id
 from dstrain.errors import ConfigError, DataError
 from dstrain.instructions import prepare_instruction_data, report_lines, truncated
 from dstrain.preparation import data_fingerprint
@@ -181,3 +181,35 @@ def test_train_on_prompt_with_last_turn_only_is_refused(tmp_path):
     cfg = _config(tmp_path, _alpaca_records(10), train_on_prompt=True, last_turn_only=True)
     with pytest.raises(ConfigError, match="contradict"):
         _prepare(cfg)
+
+
+ALPACA_FILES = ("+data=alpaca", "data.train_files=[/data/alpaca.json]")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ((*ALPACA_FILES, "data.train_on_prompt=true", "data.last_turn_only=true"), "contradict each other"),
+    (("data.format=alpaca",), r"data.format=alpaca reads records from files, but data.name=builtin"),
+    ((*ALPACA_FILES, "data.val_files=[/data/val.json]"), "either data.split or data.val_files"),
+    ((*ALPACA_FILES, "data.split=[0.5,0.4]"), "sums to 0.9"),
+    ((*ALPACA_FILES, "data.train_weights=[1,2]"), "data.train_weights has 2 entries for 1 data.train_files"),
+    ((*ALPACA_FILES, "data.split=[1.0,0.0]"), "no validation data"),
+    (("+data=files", "data.train_files=[/data/t.jsonl]", "data.split=[0.9,0.1]"), "data.split is for instruction"),
+    ((*ALPACA_FILES, "data.template=chatml2"), r"data.template='chatml2' is not one of"),
+    ((*ALPACA_FILES, "data.too_long=cut"), r"data.too_long='cut' is not one of"),
+])
+def test_impossible_data_settings_are_refused_before_any_file_is_read(overrides, message):
+    from dstrain.checks import validate
+    from dstrain.compose import compose
+
+    cfg = compose([*overrides, "model.max_position_embeddings=512"], run_name="checks")
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_the_tokens_a_step_reports_leave_out_the_padding_of_unpacked_batches():
+    from dstrain.trainer import tokens_in
+
+    padded = pad_batch([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_id=0)
+    assert padded["input_ids"].numel() == 16 and tokens_in(padded) == 4
+    packed = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "labels": torch.zeros(2, 8, dtype=torch.long)}
+    assert tokens_in(packed) == 16
