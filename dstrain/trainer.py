@@ -34,8 +34,10 @@ from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.distributed import (
     from_rank_zero, init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
 )
+from dstrain.early_stopping import EarlyStopping
 from dstrain.errors import ConfigError, ExitCode, TrainingDiverged
 from dstrain.evaluation import EVALUATORS
+from dstrain.grad_norm import GradNormWatch
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
 from dstrain.model import build_model, model_fingerprint, parameter_counts
@@ -81,8 +83,8 @@ class Cadence:
     def evaluates(self, step: int) -> bool:
         return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.max_steps)
 
-    def saves(self, step: int, stopping: bool) -> bool:
-        return bool(self.save_every and step % self.save_every == 0) or step == self.max_steps or stopping
+    def saves(self, step: int, stopping: bool, new_best: bool) -> bool:
+        return bool(self.save_every and step % self.save_every == 0) or step == self.max_steps or stopping or new_best
 
 
 @dataclass
@@ -181,6 +183,7 @@ def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, ra
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", rank, world_size, model_fingerprint(model), flatten(asdict(cfg)),
         cfg.trainer.keep_last, cfg.trainer.keep_every, data, cfg.data.changed_on_resume,
+        EarlyStopping(cfg.trainer.early_stopping).metric,
     )
     resume_from = checkpoints.choose(cfg.trainer.resume)
     if resume_from is not None and checkpoints.needs_universal(resume_from):
@@ -201,9 +204,12 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
     state, cfg = t.state, t.cfg
     t.engine.train()
     skipped_in_a_row, stopping = 0, False
+    early_stopping = EarlyStopping(cfg.trainer.early_stopping)
+    grad_norms = GradNormWatch(cfg.trainer.grad_norm_band, cfg.trainer.grad_norm_patience, speaks=t.rank == 0)
     step_started = time.perf_counter()
     with ProgressWatchdog(cfg.trainer.collective_timeout_s) as watchdog:
-        while state.step < cfg.trainer.max_steps and not stopping:
+        # A run that stopped early and is started again has nothing left to do.
+        while state.step < cfg.trainer.max_steps and not stopping and not early_stopping.patience_ran_out(state):
             watchdog.progress()
             step = state.step + 1
             batches = [t.plan.micro_batch(state.samples_consumed, micro) for micro in range(t.plan.accumulation_steps)]
@@ -217,24 +223,31 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
             skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
             if not finite:
                 check_nonfinite_step(step, result, skipped_in_a_row, cfg.trainer, t.checkpoints, t.rank)
+            grad_norms.observe(step, result.grad_norm)
+            new_best = False
             if t.cadence.evaluates(step):
                 watchdog.progress()
-                t.metrics.log(step, evaluate(t))
+                results = evaluate(t)
+                t.metrics.log(step, results)
+                state, new_best = early_stopping.judge(state, results)
             stopping = result.stop
-            if t.cadence.saves(step, stopping):
+            if t.cadence.saves(step, stopping or early_stopping.patience_ran_out(state), new_best):
                 watchdog.progress()
                 save_started = time.perf_counter()
                 log.info("saved checkpoint %s", t.checkpoints.save(t.engine, state))
                 t.metrics.log(step, {"checkpoint_step": step, "checkpoint_save_s": time.perf_counter() - save_started},
                               echo=False)
             step_started = time.perf_counter()
-    if stopping:
+    converged = early_stopping.patience_ran_out(state)
+    if converged:
+        log.info(early_stopping.stop_message(state))
+    elif stopping:
         log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is restarted, "
                     "and a restart resumes here", state.step, ExitCode.PREEMPTED)
     else:
         log.info("done: step %d of %d", state.step, cfg.trainer.max_steps)
     t.state = state
-    return not stopping
+    return converged or not stopping
 
 
 def train_step(t: Training, batches: List[Batch], stop_requested: bool) -> StepResult:
