@@ -12,8 +12,8 @@ file with its size, step, world size, ZeRO stage, parameter shapes), renames the
 is skipped with a log line saying why, and resume falls back to the one before.
 
 With early stopping, the checkpoint that `best` names says so in its manifest ("best": true, with the
-metric and its value); a checkpoint that was the best once and no longer is says "best": false. Pruning
-never removes it.
+metric and its value), and pruning never removes it; one that was the best once and no longer is says
+"best": false.
 """
 
 import json

@@ -198,9 +198,13 @@ EARLY = (
 def test_a_run_stops_early_keeps_best_through_pruning_and_exports_it(tmp_path):
     from dstrain.export import export_checkpoint
 
-    run = train(tmp_path, *EARLY, "trainer.max_steps=40", ranks=0)
+    # The gradient-norm watch rides along: this model's norms (about 2) stay above a band that ends at 0.5.
+    run = train(tmp_path, *EARLY, "trainer.max_steps=40", "trainer.grad_norm_band=[0.1,0.5]",
+                "trainer.grad_norm_patience=3", ranks=0)
     assert run.returncode == 0
     assert max(row["step"] for row in run.metrics()) == 8
+    warnings = re.findall(r"gradient norm \S+ at step (\d+): outside \[0.1, 0.5\] for 3 steps in a row", run.output)
+    assert warnings == ["3"], run.output[-3000:]
     assert re.search(r"early stopping at step 8: eval_loss has not improved by more than 100 for 3 evaluations.*"
                      r"best eval_loss: [0-9.]+ at step 2", run.output), run.output[-3000:]
     checkpoints = run.run_dir / "checkpoints"
