@@ -4,11 +4,16 @@ Layout under <run dir>/checkpoints:
     step_00000100/      a complete checkpoint: DeepSpeed's files, rng_state_rank*.pt, manifest.json
     .staging-step_...   a save in progress (or one cut short): never loaded, removed by the next save
     latest              the newest complete tag, replaced atomically
+    best                with trainer.early_stopping: the tag of the best evaluation's step, replaced atomically
 
 Every rank writes its shards into the staging directory. After a barrier, rank 0 writes the manifest (every
 file with its size, step, world size, ZeRO stage, parameter shapes), renames the directory into place, points
 `latest` at it and prunes old checkpoints. A directory without a manifest, or whose files no longer match it,
 is skipped with a log line saying why, and resume falls back to the one before.
+
+With early stopping, the checkpoint that `best` names says so in its manifest ("best": true, with the
+metric and its value), and pruning never removes it; one that was the best once and no longer is says
+"best": false.
 """
 
 import json
@@ -36,6 +41,8 @@ log = logging.getLogger("dstrain")
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
+LATEST = "latest"
+BEST = "best"
 UNIVERSAL = "universal"
 CONVERTED = "conversion_complete"
 # Settings that say how to start or where the run lives, not what is trained: a change in these is not worth
@@ -52,6 +59,12 @@ class TrainState:
     tracker_run_id: Optional[str] = None
     # The same for MLflow; None in checkpoints from before dstrain logged to MLflow.
     mlflow_run_id: Optional[str] = None
+    # Early stopping (dstrain.early_stopping): the best value of its metric so far, the step it was measured
+    # at, and the evaluations since then that did not improve on it. Checkpoints from before early stopping
+    # existed load with these defaults.
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    evals_since_best: int = 0
 
 
 def _rng_state() -> dict:
@@ -93,6 +106,13 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / MANIFEST).read_text())
 
 
+def follow_pointer(path: Path) -> Path:
+    """checkpoints/latest or checkpoints/best as the step directory it names; any other path as it is."""
+    if path.name in (LATEST, BEST) and path.is_file():
+        return path.parent / path.read_text().strip()
+    return path
+
+
 def problem_with(path: Path) -> Optional[str]:
     """Why the checkpoint at path cannot be loaded, or None if it looks whole."""
     try:
@@ -128,8 +148,11 @@ class CheckpointManager:
     def __init__(
         self, directory: Path, rank: int, world_size: int, fingerprint: dict, config: dict, keep_last: int,
         keep_every: int, data: DataIdentity = DataIdentity(), changed_data: str = "refuse",
+        best_metric: Optional[str] = None,
     ):
         self.directory = directory
+        # The metric early stopping judges by (None: off): a state's best step is marked, named `best`, kept.
+        self.best_metric = best_metric
         self.data = data
         # data.changed_on_resume: "refuse" or "warn" when a checkpoint's data fingerprint differs.
         self.changed_data = changed_data
@@ -181,26 +204,61 @@ class CheckpointManager:
                 "parameters": self.fingerprint,
                 "data": asdict(self.data),
                 "files": files,
+                **self._best_mark(state, state.best_step == state.step),
             }
             _write_atomically(staging / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # the same step saved again after resuming from an older checkpoint
                 shutil.rmtree(final)
             os.rename(staging, final)
-            _write_atomically(self.directory / "latest", tag)
+            _write_atomically(self.directory / LATEST, tag)
+            self._point_best_at(state)
             _fsync_directory(self.directory)
             self._prune()
         dist.barrier()
         return final
 
+    def _best_mark(self, state: TrainState, best: bool) -> dict:
+        """What a manifest says about early stopping: nothing when it is off."""
+        if self.best_metric is None:
+            return {}
+        if not best:
+            return {"best": False}
+        return {"best": True, "best_metric": self.best_metric, "best_value": state.best_value}
+
+    def best(self) -> Optional[Path]:
+        """The checkpoint `best` names, or None."""
+        pointer = self.directory / BEST
+        return follow_pointer(pointer) if pointer.is_file() else None
+
+    def _point_best_at(self, state: TrainState) -> None:
+        """Make `best` name the saved state's best step, and only that checkpoint's manifest say best; rank 0.
+        The pointer follows the state just saved, so a run resumed from an older checkpoint points back at
+        that state's best."""
+        if self.best_metric is None or state.best_step is None:
+            return
+        best, previous = self.directory / f"step_{state.best_step:08d}", self.best()
+        if best == previous or not (best / MANIFEST).is_file():
+            return
+        # Saved as best, unless a run resumed from an older checkpoint comes back to a best it had unmarked.
+        if read_manifest(best).get("best") is not True:
+            self._mark(best, state, True)
+        _write_atomically(self.directory / BEST, best.name)
+        if previous is not None and (previous / MANIFEST).is_file():
+            self._mark(previous, state, False)
+
+    def _mark(self, path: Path, state: TrainState, best: bool) -> None:
+        manifest = {key: value for key, value in read_manifest(path).items() if not key.startswith("best")}
+        _write_atomically(path / MANIFEST, json.dumps({**manifest, **self._best_mark(state, best)}, indent=1))
+
     def _prune(self) -> None:
-        """Keep the newest keep_last checkpoints and every keep_every-th step; called on rank 0 only, after
-        the newest checkpoint is complete."""
+        """Keep the newest keep_last checkpoints, every keep_every-th step and the one `best` names; called on
+        rank 0 only, after the newest checkpoint is complete."""
         if self.keep_last <= 0:
             return
-        existing = self.checkpoints()
+        existing, best = self.checkpoints(), self.best()
         for path in existing[: -self.keep_last]:
             step = read_manifest(path)["step"]
-            if self.keep_every and step % self.keep_every == 0:
+            if (self.keep_every and step % self.keep_every == 0) or path == best:
                 continue
             shutil.rmtree(path)
 

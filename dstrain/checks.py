@@ -85,6 +85,8 @@ def validate(cfg: TrainConfig) -> None:
             "trainer.nonfinite=skip needs an engine that can drop an update, and ZeRO-0 in fp32 cannot. "
             "Use +zero=1 (the same memory on one rank), +precision=bf16, or trainer.nonfinite=stop."
         )
+    check_early_stopping(cfg)
+    check_grad_norm_watch(trainer)
     if cfg.scheduler.warmup_steps >= trainer.max_steps:
         raise ConfigError(
             f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} must be below "
@@ -107,6 +109,40 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.peft.lora.r < 1:
         raise ConfigError(f"peft.lora.r={cfg.peft.lora.r} must be at least 1")
+
+
+def check_early_stopping(cfg: TrainConfig) -> None:
+    from dstrain.evaluation import EVALUATORS
+
+    early_stopping = cfg.trainer.early_stopping
+    if not early_stopping.enabled:
+        return
+    if not cfg.trainer.eval_every:
+        raise ConfigError(
+            "trainer.early_stopping judges evaluations, but trainer.eval_every=0 never evaluates. "
+            "Set trainer.eval_every to a number of steps."
+        )
+    reported = [metric for name in cfg.trainer.eval_metrics for metric in EVALUATORS[name].reports]
+    if early_stopping.metric not in reported:
+        raise ConfigError(
+            f"trainer.early_stopping.metric={early_stopping.metric!r} is not a metric that trainer.eval_metrics="
+            f"{cfg.trainer.eval_metrics} report: choose one of {reported}."
+        )
+    if early_stopping.patience < 1 or early_stopping.min_delta < 0:
+        raise ConfigError(
+            f"trainer.early_stopping.patience={early_stopping.patience} must be at least 1, and "
+            f"trainer.early_stopping.min_delta={early_stopping.min_delta} not negative."
+        )
+
+
+def check_grad_norm_watch(trainer) -> None:
+    band = trainer.grad_norm_band
+    if band and (len(band) != 2 or not 0 <= band[0] < band[1]):
+        raise ConfigError(
+            f"trainer.grad_norm_band={list(band)} must be [low, high] with 0 <= low < high, or [] for no watch."
+        )
+    if trainer.grad_norm_patience < 0:
+        raise ConfigError(f"trainer.grad_norm_patience={trainer.grad_norm_patience} must be 0 (off) or positive")
 
 
 def check_data(cfg: TrainConfig) -> None:

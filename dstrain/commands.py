@@ -1,7 +1,7 @@
 """The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
 
     dstrain prepare [OVERRIDE ...]
-    dstrain export CHECKPOINT_DIR OUTPUT_DIR [--merged] [--format hf]
+    dstrain export CHECKPOINT OUTPUT_DIR [--merged] [--format hf]
     dstrain submit [--dry-run] [OVERRIDE ...]
     dstrain report RUN_DIR
 
@@ -82,7 +82,11 @@ def add_export_command(subparsers) -> None:
             "that model.pretrained=OUTPUT_DIR trains on. Weights are consolidated to fp32 on the CPU."
         ),
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a checkpoints/step_NNNNNNNN directory")
+    parser.add_argument(
+        "checkpoint", metavar="CHECKPOINT",
+        help="a checkpoints/step_NNNNNNNN directory, or checkpoints/best (early stopping's best) or "
+             "checkpoints/latest, which name one",
+    )
     parser.add_argument("output", metavar="OUTPUT_DIR", help="a new (or empty) directory to write")
     parser.add_argument(
         "--merged", action="store_true",

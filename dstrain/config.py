@@ -138,6 +138,22 @@ class SchedulerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    # Stop the run when trainer.early_stopping.metric has not improved for `patience` evaluations in a row.
+    # The best checkpoint is marked in its manifest, named by checkpoints/best and never pruned.
+    enabled: bool = False
+    # The eval metric that judges: a name the evaluators of trainer.eval_metrics report (eval_loss,
+    # eval_perplexity, ...).
+    metric: str = "eval_loss"
+    # "min": lower is better (losses, perplexity); "max": higher is better (scores).
+    mode: str = one_of("min", "min", "max")
+    # Evaluations in a row without improvement after which the run stops.
+    patience: int = 3
+    # An evaluation improves only if it beats the best by more than this, in the metric's units.
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     # Seeds the initial weights, the data order and every rank's random numbers.
     seed: int = 1234
@@ -178,6 +194,14 @@ class TrainerConfig:
     # "never": start fresh, and refuse to if the run directory already has checkpoints.
     # A path: load that checkpoint directory.
     resume: str = "auto"
+    # Stop when validation stops improving, keeping the best checkpoint (off by default).
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # [low, high]: rank 0 warns, once per episode, when the global gradient norm (before clipping) stays
+    # outside this band for grad_norm_patience steps in a row; an episode ends when it comes back inside.
+    # []: no watch.
+    grad_norm_band: List[float] = field(default_factory=lambda: [0.1, 10.0])
+    # Steps in a row outside trainer.grad_norm_band before the warning (0: no watch).
+    grad_norm_patience: int = 20
 
 
 @dataclass

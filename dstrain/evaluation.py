@@ -1,5 +1,6 @@
 """What an evaluation reports: the evaluators trainer.eval_metrics names, each a component that takes the
-engine and this rank's validation batches and returns metrics agreed by all ranks."""
+engine and this rank's validation batches and returns metrics agreed by all ranks. Each declares the names it
+`reports`, so that a config naming one (trainer.early_stopping.metric) is checked before training."""
 
 import math
 from typing import Dict, Iterable
@@ -14,6 +15,8 @@ from dstrain.registry import Registry
 
 class Perplexity:
     """Validation loss per counted token over every rank's batches, and its exponential."""
+
+    reports = ("eval_loss", "eval_perplexity")
 
     def evaluate(self, engine, batches: Iterable[Batch], device) -> Dict[str, float]:
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0

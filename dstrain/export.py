@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from dstrain.adapters import peft_method
+from dstrain.checkpoint import follow_pointer
 from dstrain.errors import ConfigError
 from dstrain.loading import TrainedModel, checked_manifest, load_trained_model, train_config_from_manifest
 from dstrain.registry import Registry
@@ -58,7 +59,7 @@ EXPORT_FORMATS.register("hf")(HuggingFaceFormat())
 
 
 def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, output_format: str = "hf") -> Exported:
-    checkpoint, output = Path(checkpoint).resolve(), Path(output).resolve()
+    checkpoint, output = follow_pointer(Path(checkpoint)).resolve(), Path(output).resolve()
     writer = EXPORT_FORMATS[output_format]
     cfg = train_config_from_manifest(checked_manifest(checkpoint))
     adapter = peft_method(cfg).has_adapter

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dstrain.adapters import peft_method
-from dstrain.checkpoint import MANIFEST, problem_with, read_manifest
+from dstrain.checkpoint import BEST, MANIFEST, follow_pointer, problem_with, read_manifest
 from dstrain.config import TrainConfig, unflatten
 from dstrain.data import build_tokenizer
 from dstrain.errors import CheckpointError
@@ -43,7 +43,8 @@ class TrainedModel:
 
 
 def load_trained_model(checkpoint: Path) -> TrainedModel:
-    checkpoint = Path(checkpoint).resolve()
+    """checkpoint: a step_* directory, or checkpoints/best or checkpoints/latest, which name one."""
+    checkpoint = follow_pointer(Path(checkpoint)).resolve()
     manifest = checked_manifest(checkpoint)
     cfg = train_config_from_manifest(manifest)
     tokenizer = load_tokenizer(cfg)
@@ -64,6 +65,8 @@ def checked_manifest(checkpoint: Path) -> dict:
         newest = newest_checkpoint_under(checkpoint)
         if newest is not None:
             hint = f" The newest complete checkpoint under it is {newest}."
+        if checkpoint.name == BEST:
+            hint = " A run has checkpoints/best only when it trains with trainer.early_stopping.enabled=true."
         raise CheckpointError(
             f"{checkpoint} is not a complete dstrain checkpoint (no {MANIFEST}). "
             f"Give a checkpoints/step_* directory that has one.{hint}"

@@ -10,7 +10,6 @@ import math
 import sys
 import time
 import warnings
-import zlib
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Callable, List, Optional
 
 import datasets
 import deepspeed
-import psutil
 import torch
 import torch.distributed as dist
 import transformers
@@ -34,8 +32,10 @@ from dstrain.deepspeed_config import build_deepspeed_config
 from dstrain.distributed import (
     from_rank_zero, init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
 )
+from dstrain.early_stopping import EarlyStopping
 from dstrain.errors import ConfigError, ExitCode, TrainingDiverged
 from dstrain.evaluation import EVALUATORS
+from dstrain.grad_norm import GradNormWatch
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
 from dstrain.model import build_model, model_fingerprint, parameter_counts
@@ -43,6 +43,7 @@ from dstrain.optim import warmup_cosine_schedule, weight_decay_groups
 from dstrain.preemption import StopSignal
 from dstrain.preparation import data_fingerprint, prepare, write_report
 from dstrain.runlock import hold_run_dir
+from dstrain.step_stats import batch_digest, loss_scale_metrics, memory_per_rank, replicated_grad_norm, tokens_in
 from dstrain.watchdog import ProgressWatchdog
 
 log = logging.getLogger("dstrain")
@@ -81,8 +82,8 @@ class Cadence:
     def evaluates(self, step: int) -> bool:
         return bool(self.eval_every) and (step % self.eval_every == 0 or step == self.max_steps)
 
-    def saves(self, step: int, stopping: bool) -> bool:
-        return bool(self.save_every and step % self.save_every == 0) or step == self.max_steps or stopping
+    def saves(self, step: int, stopping: bool, new_best: bool) -> bool:
+        return bool(self.save_every and step % self.save_every == 0) or step == self.max_steps or stopping or new_best
 
 
 @dataclass
@@ -182,6 +183,7 @@ def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, ra
     checkpoints = CheckpointManager(
         run_dir / "checkpoints", rank, world_size, model_fingerprint(model), flatten(asdict(cfg)),
         cfg.trainer.keep_last, cfg.trainer.keep_every, data, cfg.data.changed_on_resume,
+        EarlyStopping(cfg.trainer.early_stopping).metric,
     )
     resume_from = checkpoints.choose(cfg.trainer.resume)
     if resume_from is not None and checkpoints.needs_universal(resume_from):
@@ -202,9 +204,12 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
     state, cfg = t.state, t.cfg
     t.engine.train()
     skipped_in_a_row, stopping = 0, False
+    early_stopping = EarlyStopping(cfg.trainer.early_stopping)
+    grad_norms = GradNormWatch(cfg.trainer.grad_norm_band, cfg.trainer.grad_norm_patience, speaks=t.rank == 0)
     step_started = time.perf_counter()
     with ProgressWatchdog(cfg.trainer.collective_timeout_s) as watchdog:
-        while state.step < cfg.trainer.max_steps and not stopping:
+        # A run that stopped early and is started again has nothing left to do.
+        while state.step < cfg.trainer.max_steps and not stopping and not early_stopping.patience_ran_out(state):
             watchdog.progress()
             step = state.step + 1
             batches = [t.plan.micro_batch(state.samples_consumed, micro) for micro in range(t.plan.accumulation_steps)]
@@ -218,24 +223,31 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
             skipped_in_a_row = 0 if finite else skipped_in_a_row + 1
             if not finite:
                 check_nonfinite_step(step, result, skipped_in_a_row, cfg.trainer, t.checkpoints, t.rank)
+            grad_norms.observe(step, result.grad_norm)
+            new_best = False
             if t.cadence.evaluates(step):
                 watchdog.progress()
-                t.metrics.log(step, evaluate(t))
+                results = evaluate(t)
+                t.metrics.log(step, results)
+                state, new_best = early_stopping.judge(state, results)
             stopping = result.stop
-            if t.cadence.saves(step, stopping):
+            if t.cadence.saves(step, stopping or early_stopping.patience_ran_out(state), new_best):
                 watchdog.progress()
                 save_started = time.perf_counter()
                 saved = t.checkpoints.save(t.engine, state)
                 log.info("saved checkpoint %s", saved)
                 t.metrics.checkpoint_saved(step, saved, time.perf_counter() - save_started)
             step_started = time.perf_counter()
-    if stopping:
+    converged = early_stopping.patience_ran_out(state)
+    if converged:
+        log.info(early_stopping.stop_message(state))
+    elif stopping:
         log.warning("stop signal received: saved at step %d; exiting with code %d so that the job is restarted, "
                     "and a restart resumes here", state.step, ExitCode.PREEMPTED)
     else:
         log.info("done: step %d of %d", state.step, cfg.trainer.max_steps)
     t.state = state
-    return not stopping
+    return converged or not stopping
 
 
 def train_step(t: Training, batches: List[Batch], stop_requested: bool) -> StepResult:
@@ -319,45 +331,6 @@ def check_nonfinite_step(step, result: StepResult, skipped_in_a_row, trainer, ch
     if rank == 0:
         log.warning("%s: update skipped, weights unchanged (%d in a row, trainer.nonfinite=skip)", what,
                     skipped_in_a_row)
-
-
-def tokens_in(batch: Batch) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-
-
-def batch_digest(batches: List[Batch]) -> int:
-    """CRC-32 of the tokens and labels of this rank's micro-batches (microseconds, on the CPU copies)."""
-    digest = 0
-    for batch in batches:
-        for key in sorted(batch):
-            digest = zlib.crc32(batch[key].numpy().tobytes(), digest)
-    return digest
-
-
-def replicated_grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-
-
-def memory_per_rank(device: torch.device, world_size: int) -> dict:
-    """Each rank's peak accelerator memory (resident memory on a CPU), in GB; a collective, so every rank
-    calls it at the same steps."""
-    if device.type == "cpu":
-        used = psutil.Process().memory_info().rss
-    else:
-        used = get_accelerator().max_memory_allocated(device)
-    gathered = torch.zeros(world_size, dtype=torch.float64, device=device)
-    dist.all_gather_into_tensor(gathered, torch.tensor([used / 1e9], dtype=torch.float64, device=device))
-    per_rank = gathered.tolist()
-    return {"memory_gb_max": round(max(per_rank), 3),
-            **{f"memory_gb/rank{rank}": round(value, 3) for rank, value in enumerate(per_rank)}}
-
-
-def loss_scale_metrics(engine, cfg: TrainConfig) -> dict:
-    if cfg.precision.dtype != "fp16":
-        return {}
-    return {"loss_scale": float(engine.optimizer.cur_scale), "skipped_steps": int(engine.skipped_steps)}
 
 
 def register_zero3_with_transformers(ds_config: dict):

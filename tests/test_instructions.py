@@ -207,7 +207,7 @@ def test_impossible_data_settings_are_refused_before_any_file_is_read(overrides,
 
 
 def test_the_tokens_a_step_reports_leave_out_the_padding_of_unpacked_batches():
-    from dstrain.trainer import tokens_in
+    from dstrain.step_stats import tokens_in
 
     padded = pad_batch([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4], "labels": [4]}], pad_id=0)
     assert padded["input_ids"].numel() == 16 and tokens_in(padded) == 4
