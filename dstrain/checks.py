@@ -85,6 +85,7 @@ def validate(cfg: TrainConfig) -> None:
             "trainer.nonfinite=skip needs an engine that can drop an update, and ZeRO-0 in fp32 cannot. "
             "Use +zero=1 (the same memory on one rank), +precision=bf16, or trainer.nonfinite=stop."
         )
+    check_eval(cfg)
     check_early_stopping(cfg)
     check_grad_norm_watch(trainer)
     if cfg.scheduler.warmup_steps >= trainer.max_steps:
@@ -112,7 +113,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def check_early_stopping(cfg: TrainConfig) -> None:
-    from dstrain.evaluation import EVALUATORS
+    from dstrain.evaluation import reported_metrics
 
     early_stopping = cfg.trainer.early_stopping
     if not early_stopping.enabled:
@@ -122,16 +123,53 @@ def check_early_stopping(cfg: TrainConfig) -> None:
             "trainer.early_stopping judges evaluations, but trainer.eval_every=0 never evaluates. "
             "Set trainer.eval_every to a number of steps."
         )
-    reported = [metric for name in cfg.trainer.eval_metrics for metric in EVALUATORS[name].reports]
+    reported = reported_metrics(cfg)
     if early_stopping.metric not in reported:
         raise ConfigError(
             f"trainer.early_stopping.metric={early_stopping.metric!r} is not a metric that trainer.eval_metrics="
-            f"{cfg.trainer.eval_metrics} report: choose one of {reported}."
+            f"{cfg.trainer.eval_metrics} or eval.metrics (with eval.generate_every set) report: choose one of "
+            f"{reported}."
+        )
+    generated = [f"eval_{name}" for name in cfg.eval.metrics]
+    if early_stopping.metric in generated and cfg.eval.generate_every != cfg.trainer.eval_every:
+        raise ConfigError(
+            f"trainer.early_stopping.metric={early_stopping.metric} is scored only every eval.generate_every="
+            f"{cfg.eval.generate_every} steps, but early stopping judges every evaluation (trainer.eval_every="
+            f"{cfg.trainer.eval_every}). Set eval.generate_every={cfg.trainer.eval_every}."
         )
     if early_stopping.patience < 1 or early_stopping.min_delta < 0:
         raise ConfigError(
             f"trainer.early_stopping.patience={early_stopping.patience} must be at least 1, and "
             f"trainer.early_stopping.min_delta={early_stopping.min_delta} not negative."
+        )
+
+
+def check_eval(cfg: TrainConfig) -> None:
+    """Evaluation by generation (the eval section)."""
+    from dstrain.scoring import SCORES
+
+    every, evaluation = cfg.eval.generate_every, cfg.eval
+    if every < 0:
+        raise ConfigError(f"eval.generate_every={every} must be 0 (off) or positive")
+    unknown = [name for name in evaluation.metrics if name not in SCORES]
+    if unknown or not evaluation.metrics:
+        raise ConfigError(f"eval.metrics={list(evaluation.metrics)} must name some of {list(SCORES)}")
+    if not every:
+        return
+    if not cfg.trainer.eval_every or every % cfg.trainer.eval_every:
+        raise ConfigError(
+            f"eval.generate_every={every} generates at an evaluation, so it must be a multiple of "
+            f"trainer.eval_every={cfg.trainer.eval_every} (which must be set)."
+        )
+    if cfg.data.format == "text":
+        raise ConfigError(
+            "eval.generate_every needs prompts and reference answers, which only instruction data has "
+            "(+data=alpaca, sharegpt or messages); plain text (data.format=text) has none. Set eval.generate_every=0."
+        )
+    if evaluation.max_prompts < 1 or not 1 <= evaluation.max_new_tokens < cfg.data.seq_len:
+        raise ConfigError(
+            f"eval.max_prompts={evaluation.max_prompts} must be at least 1, and eval.max_new_tokens="
+            f"{evaluation.max_new_tokens} between 1 and data.seq_len={cfg.data.seq_len} (the prompt keeps the rest)."
         )
 
 

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from dstrain.config_fields import one_of, some_of
 from dstrain.data_config import DataConfig
+from dstrain.eval_config import EvalConfig
 
 
 @dataclass
@@ -323,6 +324,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # The loop: batch sizes, steps, evaluation, checkpoints, fault handling (+trainer=...).
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Evaluation by generation: answers to validation prompts scored against their references.
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Metrics file and trackers (+logger=...).
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     # Where the run directory is.

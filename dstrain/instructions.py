@@ -18,6 +18,7 @@ from dstrain.config import TrainConfig
 from dstrain.data import IGNORE_INDEX, pad_id, read_role
 from dstrain.errors import DataError
 from dstrain.packing import PackingConfig, pack, packing_efficiency
+from dstrain.preparation import prompts_name
 from dstrain.sources import WHERE
 
 _BATCH_SIZE = 1000
@@ -47,6 +48,8 @@ def prepare_instruction_data(
         section = {"cleaning": cleaning.to_json()} if cleaning else {}
         prepared[name] = steps.rows(conversations, name, section)
         report["splits"][name] = section
+        if name != "train":  # what evaluation by generation answers (dstrain.evaluation.Generation)
+            prepared[prompts_name(name)] = steps.prompts(conversations, name)
     if "train" not in prepared or len(prepared["train"]) == 0:
         raise DataError("no training sample is left after cleaning and the length limits: see the data report above.")
     return prepared, report, template
@@ -87,6 +90,20 @@ class _Steps:
     def clean(self, conversations: datasets.Dataset) -> Tuple[datasets.Dataset, CleaningReport]:
         report = CleaningReport()
         return clean(conversations, self.data.clean, report), report
+
+    def prompts(self, conversations: datasets.Dataset, split: str) -> datasets.Dataset:
+        """Columns `prompt_ids` (the conversation up to its last answer, rendered as generation would: with the
+        generation prompt) and `reference` (that answer), one row per conversation, in the split's order."""
+        tokenizer, template = self.tokenizer, self.template
+
+        def render(batch: dict) -> dict:
+            texts = [tokenizer.apply_chat_template(turns[:-1], chat_template=template, tokenize=False,
+                                                   add_generation_prompt=True) for turns in batch["turns"]]
+            return {"prompt_ids": tokenizer(texts, add_special_tokens=False)["input_ids"],
+                    "reference": [turns[-1]["content"] for turns in batch["turns"]]}
+
+        return conversations.map(render, batched=True, batch_size=_BATCH_SIZE,
+                                 remove_columns=conversations.column_names, **self._named("generation prompts", split))
 
     def rows(self, conversations: datasets.Dataset, split: str, section: dict) -> datasets.Dataset:
         """Tokenised, fitted to seq_len and packed (or left one sample per row); `section` gets the counts."""

@@ -5,7 +5,8 @@ data settings, the seed that mixes sources, and the tokenizer (its vocabulary, m
 It goes into every checkpoint's manifest, so a resumed run can tell that it would read other data.
 
 Instruction data is prepared into `<data.cache_dir>/<fingerprint>/` (each split saved with `save_to_disk`,
-plus the report and the chat template); training memory-maps it and starts in seconds. Whoever finds no
+the validation and test splits' generation prompts as `<split>_prompts`, plus the report and the chat
+template); training memory-maps it and starts in seconds. Whoever finds no
 cache entry prepares one and renames it into place whole, so a crashed or concurrent preparation never
 leaves a half-written entry. Plain text (data.format=text) is tokenised and cut into blocks by
 dstrain.data.packed_blocks, which the `datasets` cache keeps.
@@ -16,9 +17,9 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import datasets
 
@@ -32,7 +33,7 @@ log = logging.getLogger("dstrain")
 REPORT = "data_report.json"
 TEMPLATE = "chat_template.jinja"
 # Part of every fingerprint: bump it when preparation changes what it makes of the same inputs.
-PREPARATION_VERSION = 1
+PREPARATION_VERSION = 2
 # Settings that do not change the prepared rows.
 _NOT_IN_FINGERPRINT = ("cache_dir", "changed_on_resume", "tokenizer", "builtin_train_documents",
                        "builtin_val_documents")
@@ -49,6 +50,10 @@ class PreparedData:
     # The rendered chat template of instruction data, None for plain text.
     chat_template: Optional[str]
     report: dict
+    # Instruction data only: the rows of the test split, where there is one (`dstrain eval` reads it).
+    test: Optional[datasets.Dataset] = None
+    # Instruction data only: each evaluated split's generation prompts (prompt_ids, reference), by split name.
+    prompts: Dict[str, datasets.Dataset] = field(default_factory=dict)
 
 
 def data_fingerprint(cfg: TrainConfig, tokenizer) -> str:
@@ -107,7 +112,15 @@ def prepare(cfg: TrainConfig, tokenizer, fingerprint: str, needs_validation: boo
         raise ConfigError("trainer.eval_every is set, but the prepared data has no validation split: give "
                           "data.val_files, or a data.split with a validation ratio above 0.")
     validation = splits.get("validation") if needs_validation else None
-    return PreparedData(splits["train"], validation, fingerprint, (entry / TEMPLATE).read_text(), report)
+    prompts = {name: datasets.load_from_disk(str(entry / prompts_name(name))) for name in report["splits"]
+               if name != "train"}
+    return PreparedData(splits["train"], validation, fingerprint, (entry / TEMPLATE).read_text(), report,
+                        splits.get("test"), prompts)
+
+
+def prompts_name(split: str) -> str:
+    """The prepared dataset of a split's generation prompts, next to the split's rows."""
+    return f"{split}_prompts"
 
 
 def cache_entry(cfg: TrainConfig, fingerprint: str) -> Path:

@@ -34,7 +34,7 @@ from dstrain.distributed import (
 )
 from dstrain.early_stopping import EarlyStopping
 from dstrain.errors import ConfigError, ExitCode, TrainingDiverged
-from dstrain.evaluation import EVALUATORS
+from dstrain.evaluation import EVALUATORS, Generation
 from dstrain.grad_norm import GradNormWatch
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
@@ -100,6 +100,8 @@ class Training:
     checkpoints: CheckpointManager
     metrics: MetricsLogger
     cadence: Cadence
+    # Evaluation by generation on the validation prompts; None when eval.generate_every=0.
+    generation: Optional[Generation]
     # Where training stands: the step, the data position, the trackers' run ids. Restored from a checkpoint.
     state: TrainState
 
@@ -156,8 +158,10 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         state.mlflow_run_id,
     )
     cadence = Cadence(cfg.trainer.max_steps, cfg.logger.log_every, cfg.trainer.eval_every, cfg.trainer.save_every)
+    generation = (Generation(cfg.eval, cfg.data.seq_len, tokenizer, data.prompts["validation"])
+                  if cfg.eval.generate_every else None)
     return Training(
-        cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence,
+        cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence, generation,
         replace(state, tracker_run_id=metrics.tracker_run_id, mlflow_run_id=metrics.mlflow_run_id),
     )
 
@@ -227,7 +231,7 @@ def run(t: Training, stop_signal: StopSignal, on_step_end: Optional[Callable[[in
             new_best = False
             if t.cadence.evaluates(step):
                 watchdog.progress()
-                results = evaluate(t)
+                results = evaluate(t, step)
                 t.metrics.log(step, results)
                 state, new_best = early_stopping.judge(state, results)
             stopping = result.stop
@@ -298,13 +302,16 @@ def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: 
     return finite
 
 
-def evaluate(t: Training) -> dict:
+def evaluate(t: Training, step: int) -> dict:
     t.engine.eval()
     results = {}
     for name in t.cfg.trainer.eval_metrics:
         batches = eval_batches(t.val_blocks, t.cfg.trainer.micro_batch_size, t.world_size, t.rank,
                                t.cfg.trainer.eval_batches, t.plan.pad_id)
         results.update(EVALUATORS[name].evaluate(t.engine, batches, t.device))
+    if t.generation is not None and t.generation.due(step, t.cfg.trainer.max_steps):
+        synced = t.engine.zero_optimization_stage() == 3
+        results.update(t.generation.evaluate(t.engine.module, t.device, t.rank, t.world_size, synced))
     t.engine.train()
     return results
 
