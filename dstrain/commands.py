@@ -2,6 +2,7 @@
 
     dstrain prepare [OVERRIDE ...]
     dstrain export CHECKPOINT OUTPUT_DIR [--merged] [--format hf]
+    dstrain eval MODEL [--split test|validation] [--files F ...] [--output JSON] [--harness TASKS]
     dstrain submit [--dry-run] [OVERRIDE ...]
     dstrain report RUN_DIR
 
@@ -109,6 +110,37 @@ def run_export(args: argparse.Namespace) -> None:
         print(f"  {directory}")
 
 
+def add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="a trained model's perplexity and generation scores (BLEU, ROUGE, exact match) on a split",
+        description=(
+            "Evaluate a checkpoint (checkpoints/step_*, best or latest) on its run's own data, with the run's "
+            "micro-batch layout and precision, so that on the validation split it reports what the run logged at "
+            "that step; or an exported directory (full model or adapter) on --files. Greedy answers to the first "
+            "eval.max_prompts prompts are scored against the references. Prints a table and writes JSON."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="a checkpoint directory or pointer, or an exported directory")
+    parser.add_argument("--split", default="test", help="the run's split: test (default) or validation")
+    parser.add_argument("--files", nargs="+", metavar="F",
+                        help="evaluate on these files instead, in the run's record format (data.format)")
+    parser.add_argument("--data-format", metavar="FORMAT",
+                        help="exported models only: the record format of --files (alpaca, sharegpt, messages)")
+    parser.add_argument("--output", metavar="JSON", help="where to write the results (default: MODEL/eval_<split>.json)")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="also run lm-evaluation-harness tasks, comma-separated, offline (needs --harness-tasks-dir)")
+    parser.add_argument("--harness-tasks-dir", metavar="DIR", help="a directory of lm-eval task YAML files")
+    parser.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from dstrain.offline_eval import evaluate_model
+
+    tasks = [task for task in (args.harness or "").split(",") if task]
+    evaluate_model(args.model, args.split, args.files, args.data_format, args.output, tasks, args.harness_tasks_dir)
+
+
 def add_submit_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "submit",
@@ -160,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_prepare_command(subparsers)
     add_export_command(subparsers)
+    add_eval_command(subparsers)
     add_submit_command(subparsers)
     add_report_command(subparsers)
     return parser

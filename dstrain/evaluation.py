@@ -10,7 +10,7 @@ the scores computed from every rank's answers gathered in prompt order.
 """
 
 import math
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,14 +30,22 @@ class Perplexity:
     reports = ("eval_loss", "eval_perplexity")
 
     def evaluate(self, engine, batches: Iterable[Batch], device) -> Dict[str, float]:
+        return self.metrics(*sum_over_ranks(self.summed(engine, batches, device), device))
+
+    @staticmethod
+    def summed(model, batches: Iterable[Batch], device) -> Tuple[torch.Tensor, int]:
+        """One rank's part: the summed token loss of its batches (float64) and their counted tokens."""
         loss_sum, count = torch.zeros((), dtype=torch.float64, device=device), 0
         with torch.no_grad():
             for batch in batches:
                 batch = {key: value.to(device) for key, value in batch.items()}
-                loss_sum += summed_token_loss(engine, batch).double()
+                loss_sum += summed_token_loss(model, batch).double()
                 count += counted_tokens(batch)
-        total, total_count = sum_over_ranks([loss_sum, count], device)
-        loss = total / max(total_count, 1)
+        return loss_sum, count
+
+    @staticmethod
+    def metrics(loss_sum: float, count: float) -> Dict[str, float]:
+        loss = float(loss_sum) / max(count, 1)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
 
