@@ -1,5 +1,9 @@
 """PEFT methods: what peft.method selects, each a component that wraps a built model for training and knows
-what an export of it contains. peft.method=none trains every weight."""
+what an export of it contains. peft.method=none trains every weight, freeze a chosen part of it; the others
+train an adapter through the peft library (lora, qlora, ia3, prompt, prefix)."""
+
+import fnmatch
+from typing import List
 
 import torch
 
@@ -11,40 +15,188 @@ from dstrain.registry import Registry
 class FullFineTuning:
     """Every weight trains; the export is the whole model."""
 
-    # Whether the method adds an adapter of its own (exported on its own, mergeable into the base).
+    # Whether the method adds an adapter of its own (exported on its own, and loaded with PeftModel).
     has_adapter = False
+    # Whether the adapter can be merged into the base weights (`dstrain export --merged`).
+    can_merge = False
+    # Whether the base model is built 4-bit quantised (from model.pretrained, through bitsandbytes).
+    quantized_base = False
 
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         return model
 
 
-class Lora:
-    """Low-rank adapters on peft.lora.target_modules; the base weights stay frozen."""
-
-    has_adapter = True
+class Freeze(FullFineTuning):
+    """Only the chosen parts train (the last blocks, named modules, embeddings, head), by requires_grad alone:
+    the model keeps its structure, so the export is the whole model as with full fine-tuning."""
 
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-        from peft import LoraConfig, get_peft_model
+        chosen = trained_module_names(model, cfg)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        modules = dict(model.named_modules())
+        for name in chosen:
+            for parameter in modules[name].parameters():
+                parameter.requires_grad_(True)
+        if not any(parameter.requires_grad for parameter in model.parameters()):
+            raise ConfigError(
+                "peft.method=freeze trains nothing: set peft.freeze.last_blocks, peft.freeze.modules, "
+                "peft.freeze.train_embeddings or peft.freeze.train_head."
+            )
+        return model
+
+
+def trained_module_names(model: torch.nn.Module, cfg: TrainConfig) -> List[str]:
+    """The modules peft.freeze chooses to train, by name."""
+    settings = cfg.peft.freeze
+    blocks = model.model.layers
+    if settings.last_blocks > len(blocks):
+        raise ConfigError(
+            f"peft.freeze.last_blocks={settings.last_blocks} exceeds the model's {len(blocks)} blocks"
+        )
+    chosen = [f"model.layers.{index}" for index in range(len(blocks) - settings.last_blocks, len(blocks))]
+    names = [name for name, _ in model.named_modules()]
+    for pattern in settings.modules:
+        matching = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matching:
+            raise ConfigError(
+                f"peft.freeze.modules: {pattern!r} matches no module of the model (names look like "
+                f"'model.layers.0.mlp' or 'lm_head')"
+            )
+        chosen += matching
+    by_module = {module: name for name, module in model.named_modules()}
+    if settings.train_embeddings:
+        chosen.append(by_module[model.get_input_embeddings()])
+    if settings.train_head:
+        chosen.append(by_module[model.get_output_embeddings()])
+    return chosen
+
+
+class PeftLibraryMethod(FullFineTuning):
+    """A method of the peft library: its config from ours, then get_peft_model."""
+
+    has_adapter = True
+    # The config key whose settings build the peft config, named in errors.
+    settings_key = ""
+
+    def peft_config(self, cfg: TrainConfig):
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+        from peft import get_peft_model
+
+        # The adapters' initial weights depend on the seed alone, as the base's do.
+        torch.manual_seed(cfg.trainer.seed)
+        try:
+            return get_peft_model(model, self.peft_config(cfg))
+        except ValueError as error:
+            raise ConfigError(f"{self.settings_key}: {error}") from None
+
+
+class Lora(PeftLibraryMethod):
+    """Low-rank adapters on peft.lora.target_modules, with DoRA, rsLoRA, the init and LoRA+ as options; the
+    base weights stay frozen (pissa and olora move part of them into the adapters first)."""
+
+    can_merge = True
+    settings_key = "peft.lora"
+
+    def peft_config(self, cfg: TrainConfig):
+        from peft import LoraConfig
 
         settings = cfg.peft.lora
-        lora = LoraConfig(
+        return LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
             target_modules=list(settings.target_modules),
+            use_dora=settings.use_dora,
+            use_rslora=settings.use_rslora,
+            # peft's own default is True; the other names are peft's.
+            init_lora_weights=True if settings.init == "default" else settings.init,
             task_type="CAUSAL_LM",
         )
-        # The adapters' initial weights depend on the seed alone, as the base's do.
-        torch.manual_seed(cfg.trainer.seed)
-        try:
-            return get_peft_model(model, lora)
-        except ValueError as error:
-            raise ConfigError(f"peft.lora.target_modules={list(settings.target_modules)}: {error}") from None
+
+
+class QLora(Lora):
+    """LoRA on a base loaded 4-bit (NF4) from model.pretrained through bitsandbytes (dstrain.model builds it).
+    The export holds the adapter; --merged merges it into the dequantised base, the weights training saw."""
+
+    quantized_base = True
+
+    def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        if is_4bit(model):
+            # Norms and embeddings in fp32 and, where asked, non-reentrant checkpointing with input grads.
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        return super().apply(model, cfg)
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+class Ia3(PeftLibraryMethod):
+    """Learned scaling vectors on the activations of peft.ia3.target_modules."""
+
+    can_merge = True
+    settings_key = "peft.ia3"
+
+    def peft_config(self, cfg: TrainConfig):
+        from peft import IA3Config
+
+        settings = cfg.peft.ia3
+        return IA3Config(
+            target_modules=list(settings.target_modules), feedforward_modules=list(settings.feedforward_modules),
+            task_type="CAUSAL_LM",
+        )
+
+
+class PromptTuning(PeftLibraryMethod):
+    """Learned embeddings of peft.prompt.num_virtual_tokens tokens prepended to every input."""
+
+    settings_key = "peft.prompt"
+
+    def peft_config(self, cfg: TrainConfig):
+        from peft import PromptTuningConfig
+
+        return PromptTuningConfig(num_virtual_tokens=cfg.peft.prompt.num_virtual_tokens, task_type="CAUSAL_LM")
+
+    def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+        model = super().apply(model, cfg)
+        virtual = cfg.peft.prompt.num_virtual_tokens
+        # peft returns logits for the virtual tokens too; the loss lines logits up with the real tokens' labels.
+        model.register_forward_hook(lambda module, args, output: drop_leading_logits(output, virtual))
+        return model
+
+
+def drop_leading_logits(output, count: int):
+    output.logits = output.logits[:, count:].contiguous()  # the loss views them flat
+    return output
+
+
+class PrefixTuning(PeftLibraryMethod):
+    """Learned keys and values of peft.prefix.num_virtual_tokens tokens in front of every layer's attention."""
+
+    settings_key = "peft.prefix"
+
+    def peft_config(self, cfg: TrainConfig):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(num_virtual_tokens=cfg.peft.prefix.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
 PEFT_METHODS: Registry = Registry("peft.method")
 PEFT_METHODS.register("none")(FullFineTuning())
+PEFT_METHODS.register("freeze")(Freeze())
 PEFT_METHODS.register("lora")(Lora())
+PEFT_METHODS.register("qlora")(QLora())
+PEFT_METHODS.register("ia3")(Ia3())
+PEFT_METHODS.register("prompt")(PromptTuning())
+PEFT_METHODS.register("prefix")(PrefixTuning())
 
 
 def peft_method(cfg: TrainConfig):

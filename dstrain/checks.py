@@ -108,8 +108,61 @@ def validate(cfg: TrainConfig) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}"
         )
-    if cfg.peft.lora.r < 1:
-        raise ConfigError(f"peft.lora.r={cfg.peft.lora.r} must be at least 1")
+    check_peft(cfg)
+
+
+def check_peft(cfg: TrainConfig) -> None:
+    """The PEFT settings' ranges, and the methods' combinations with ZeRO, checkpointing and packing that
+    cannot work (README, "PEFT methods")."""
+    peft, method = cfg.peft, cfg.peft.method
+    lora = peft.lora
+    if lora.r < 1:
+        raise ConfigError(f"peft.lora.r={lora.r} must be at least 1")
+    if lora.alpha <= 0:
+        raise ConfigError(f"peft.lora.alpha={lora.alpha} must be positive")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"peft.lora.dropout={lora.dropout} must be in [0, 1)")
+    if lora.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"peft.lora.loraplus_lr_ratio={lora.loraplus_lr_ratio} must be positive (1: LoRA+ off)")
+    for key in ("prompt", "prefix"):
+        if getattr(peft, key).num_virtual_tokens < 1:
+            count = getattr(peft, key).num_virtual_tokens
+            raise ConfigError(f"peft.{key}.num_virtual_tokens={count} must be at least 1")
+    if peft.freeze.last_blocks < 0:
+        raise ConfigError(f"peft.freeze.last_blocks={peft.freeze.last_blocks} must be 0 or positive")
+    if method == "freeze" and not cfg.model.pretrained and peft.freeze.last_blocks > cfg.model.num_hidden_layers:
+        raise ConfigError(
+            f"peft.freeze.last_blocks={peft.freeze.last_blocks} exceeds model.num_hidden_layers="
+            f"{cfg.model.num_hidden_layers}"
+        )
+
+    stage = cfg.zero.stage
+    if method in ("lora", "qlora") and lora.init in ("pissa", "olora") and stage == 3:
+        raise ConfigError(
+            f"peft.lora.init={lora.init} decomposes the whole base weights, which ZeRO-3 has partitioned. "
+            f"Use +zero=2 (or 0/1), or peft.lora.init=default."
+        )
+    if method == "qlora":
+        if not cfg.model.pretrained:
+            raise ConfigError(
+                "peft.method=qlora quantises a pretrained model while loading it: set model.pretrained=<dir> "
+                "(or use +peft=lora on a preset shape)."
+            )
+        if stage != 0:
+            raise ConfigError(
+                f"peft.method=qlora trains under ZeRO stage 0 only (DeepSpeed cannot partition or shard 4-bit "
+                f"weights), but zero.stage={stage}. Use +zero=0, or +peft=lora with +zero={stage}."
+            )
+    if method == "prefix" and cfg.trainer.gradient_checkpointing:
+        raise ConfigError(
+            "peft.method=prefix does not work with trainer.gradient_checkpointing=true (peft refuses it). Set "
+            "trainer.gradient_checkpointing=false, or use +peft=prompt or +peft=lora."
+        )
+    if method in ("prompt", "prefix") and cfg.data.packing and cfg.data.format != "text":
+        raise ConfigError(
+            f"peft.method={method} puts its virtual tokens in front of each row, so in packed rows only the "
+            f"first sample would see them. Set data.packing=false, or use +peft=lora."
+        )
 
 
 def check_early_stopping(cfg: TrainConfig) -> None:

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from dstrain.config_fields import one_of, some_of
 from dstrain.data_config import DataConfig
+from dstrain.peft_config import PeftConfig
 from dstrain.eval_config import EvalConfig
 
 
@@ -88,28 +89,6 @@ class PrecisionConfig:
     min_loss_scale: float = 1.0
     # bf16 only: the dtype that gradients accumulate in across micro-batches (None: DeepSpeed's default).
     grad_accum_dtype: Optional[str] = one_of(None, None, "fp32", "bf16")
-
-
-@dataclass
-class LoraConfig:
-    # Rank of the low-rank update.
-    r: int = 8
-    # Scale of the update: it is multiplied by alpha / r.
-    alpha: int = 16
-    # Dropout on the adapter's input during training.
-    dropout: float = 0.0
-    # Module names (suffixes) that get an adapter; the default is every linear projection of a Llama block.
-    target_modules: List[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-
-
-@dataclass
-class PeftConfig:
-    # "none" trains every weight; another method trains only its adapter (dstrain.adapters).
-    method: str = one_of("none", registry="dstrain.adapters:PEFT_METHODS")
-    # Settings of peft.method=lora.
-    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -6,6 +6,9 @@ to fp32). Each output format (EXPORT_FORMATS, `--format`) is a component that wr
     hf, full model   OUTPUT/model.safetensors, config.json, generation_config.json, the tokenizer
     hf, adapter      OUTPUT/adapter_model.safetensors, adapter_config.json (base: model.pretrained), the
                      tokenizer; with merged=True also OUTPUT/merged/, the full model with the adapter merged in
+                     (methods that can merge: lora and its variants, qlora into the dequantised base, ia3)
+
+peft.method=freeze and none train the model itself, so their export is the full model.
 
 Everything is written into a staging directory next to OUTPUT and renamed into place at the end, so an
 export that fails halfway leaves no directory that looks finished.
@@ -13,6 +16,7 @@ export that fails halfway leaves no directory that looks finished.
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +26,9 @@ import torch
 from dstrain.adapters import peft_method
 from dstrain.checkpoint import follow_pointer
 from dstrain.errors import ConfigError
-from dstrain.loading import TrainedModel, checked_manifest, load_trained_model, train_config_from_manifest
+from dstrain.loading import (
+    TrainedModel, checked_manifest, load_trained_model, rebuild_model, train_config_from_manifest,
+)
 from dstrain.registry import Registry
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +54,7 @@ class HuggingFaceFormat:
         if not peft_method(cfg).has_adapter:
             save_full_model(trained.model, tokenizer, staging)
             return
-        save_adapter(trained.model, staging, cfg.model.pretrained)
+        save_adapter(trained.model, staging, cfg.model.pretrained, initial_adapter(cfg))
         tokenizer.save_pretrained(staging)
         if merged:
             save_full_model(trained.model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
@@ -67,6 +73,17 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, outp
         raise ConfigError(
             f"--merged merges an adapter, but {checkpoint} was trained with peft.method={cfg.peft.method}. "
             f"Leave out --merged: the export is the full model."
+        )
+    if merged and not peft_method(cfg).can_merge:
+        raise ConfigError(
+            f"peft.method={cfg.peft.method} adds virtual tokens, which cannot be merged into the model's weights. "
+            f"Leave out --merged: the export is the adapter, for PeftModel.from_pretrained."
+        )
+    if adapter and not cfg.model.pretrained and not peft_method(cfg).can_merge:
+        raise ConfigError(
+            f"{checkpoint} holds a peft.method={cfg.peft.method} adapter on a randomly initialised base "
+            f"(model.pretrained was not set), which exists only in the checkpoint and cannot be merged with "
+            f"the adapter: there is nothing usable to export. Train from model.pretrained=<dir>."
         )
     if adapter and not cfg.model.pretrained and not merged:
         raise ConfigError(
@@ -108,9 +125,27 @@ def save_full_model(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def save_adapter(peft_model: torch.nn.Module, directory: Path, base: Optional[str]) -> None:
+def initial_adapter(cfg) -> Optional[torch.nn.Module]:
+    """For peft.lora.init=pissa or olora, which moved part of the base weights into the adapter: the model as
+    training started (rebuilt, so the same decomposition of model.pretrained), which the adapter export is
+    converted against. None for every other method and init."""
+    if cfg.peft.method not in ("lora", "qlora") or cfg.peft.lora.init not in ("pissa", "olora"):
+        return None
+    return rebuild_model(cfg)
+
+
+def save_adapter(peft_model: torch.nn.Module, directory: Path, base: Optional[str],
+                 initial: Optional[torch.nn.Module] = None) -> None:
+    """initial: see initial_adapter. peft then writes an ordinary LoRA adapter (of twice the rank) that applies
+    to the unchanged model.pretrained."""
     peft_model.peft_config["default"].base_model_name_or_path = base
-    peft_model.save_pretrained(directory)
+    if initial is None:
+        peft_model.save_pretrained(directory)
+    else:
+        with tempfile.TemporaryDirectory() as initial_dir:
+            initial.peft_config["default"].init_lora_weights = True  # peft's marker of a converted start
+            initial.save_pretrained(initial_dir)
+            peft_model.save_pretrained(directory, path_initial_model_for_weight_conversion=initial_dir)
     check_no_empty_tensors(directory / ADAPTER_WEIGHTS)
 
 

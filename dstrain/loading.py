@@ -54,6 +54,8 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         tokenizer.chat_template = chat_template
     model = rebuild_model(cfg)
     state_dict = consolidated_state_dict(checkpoint, manifest["zero_stage"])
+    if peft_method(cfg).quantized_base:
+        state_dict = with_dequantized_base(state_dict, model)
     load_strictly(model, state_dict, checkpoint)
     return TrainedModel(model, tokenizer, cfg, manifest)
 
@@ -131,17 +133,57 @@ def model_config(cfg: TrainConfig):
 
 
 def rebuild_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The trained module's structure on the CPU in fp32 (a PeftModel for an adapter), weights still to load."""
+    """The trained module's structure on the CPU in fp32 (a PeftModel for an adapter), weights still to load.
+    A 4-bit base (qlora) comes back dequantised: model.pretrained quantised as training did, then turned into
+    plain fp32 layers, so that its adapter merges into the weights training computed with."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(
-        model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
-    )
+    if peft_method(cfg).quantized_base:
+        model = dequantized_base(cfg)
+    else:
+        model = AutoModelForCausalLM.from_config(
+            model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+        )
     with warnings.catch_warnings():
         # PEFT asks transformers a deprecated question while wrapping; the warning is not the user's.
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         model = peft_method(cfg).apply(model, cfg)
     return model.eval()
+
+
+def dequantized_base(cfg: TrainConfig) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from dstrain.model import quantization
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.pretrained, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
+            **quantization(cfg),
+        )
+    except OSError as error:
+        raise CheckpointError(
+            f"the checkpoint trained a 4-bit base from model.pretrained={cfg.model.pretrained}, which the export "
+            f"needs, but it cannot be loaded: {error}"
+        ) from None
+    return model.dequantize().float()
+
+
+# What bitsandbytes calls the tensors of a 4-bit weight's quantisation state in a state dict.
+_QUANT_STATE_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".nested_absmax", ".nested_quant_map")
+
+
+def with_dequantized_base(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A qlora checkpoint holds its frozen base as packed 4-bit bytes with their quantisation states; the
+    rebuilt model holds the same weights dequantised. Keep the checkpoint's other tensors (the adapter first)."""
+    expected = model.state_dict()
+    kept = {}
+    for name, tensor in state_dict.items():
+        if any(marker in name for marker in _QUANT_STATE_MARKERS):
+            continue
+        packed = tensor.dtype == torch.uint8 and expected[name].shape != tensor.shape
+        kept[name] = expected[name] if packed else tensor
+    return kept
 
 
 def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> Dict[str, torch.Tensor]:

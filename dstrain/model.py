@@ -37,7 +37,8 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     no rank ever holds the whole model."""
     if cfg.model.pretrained:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.pretrained, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+            cfg.model.pretrained, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
+            **quantization(cfg),
         )
         model.config.use_cache = False
     else:
@@ -54,6 +55,22 @@ def build_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
         # each block do not require grad; enable it before PEFT wraps the model.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return peft_method(cfg).apply(model, cfg)
+
+
+_COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quantization(cfg: TrainConfig) -> dict:
+    """from_pretrained's arguments for a 4-bit base (peft.method=qlora): NF4 weights, computed in the training
+    precision. bitsandbytes quantises only while loading a pretrained model, hence qlora's need of
+    model.pretrained (dstrain.checks)."""
+    if not peft_method(cfg).quantized_base:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=_COMPUTE_DTYPES[cfg.precision.dtype],
+    )}
 
 
 def initialize_weights(model: torch.nn.Module, seed: int) -> None:
@@ -82,10 +99,15 @@ def _gathered(parameter: torch.nn.Parameter):
 
 
 def parameter_counts(model: torch.nn.Module) -> Tuple[int, int]:
-    """(total, trainable). Under ZeRO-3 each parameter's full size is ds_numel; numel() is the local shard."""
+    """(total, trainable). Under ZeRO-3 each parameter's full size is ds_numel; numel() is the local shard. A
+    4-bit bitsandbytes weight packs two values a byte: its quant_state knows the weight's real shape."""
     total = trainable = 0
     for parameter in model.parameters():
-        count = getattr(parameter, "ds_numel", parameter.numel())
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None:
+            count = quant_state.shape.numel()
+        else:
+            count = getattr(parameter, "ds_numel", parameter.numel())
         total += count
         if parameter.requires_grad:
             trainable += count

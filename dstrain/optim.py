@@ -24,6 +24,21 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float):
     ]
 
 
+def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig):
+    """weight_decay_groups, with LoRA+ (peft.lora.loraplus_lr_ratio) when it is on: the LoRA B matrices in a
+    group of their own at optim.lr x the ratio. The LR schedule scales every group from its own LR, so B keeps
+    its ratio through warmup and decay; the group logged as the LR stays the first, at optim.lr."""
+    groups = weight_decay_groups(model, cfg.optim.weight_decay)
+    ratio = cfg.peft.lora.loraplus_lr_ratio
+    if ratio == 1:
+        return groups
+    b_matrices = {id(parameter) for name, parameter in model.named_parameters() if ".lora_B." in name}
+    for group in groups:
+        group["params"] = [parameter for parameter in group["params"] if id(parameter) not in b_matrices]
+    loraplus = [parameter for parameter in model.parameters() if id(parameter) in b_matrices and parameter.requires_grad]
+    return groups + [{"params": loraplus, "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.lr * ratio}]
+
+
 def warmup_cosine_schedule(optimizer, cfg: TrainConfig):
     """Step s (counting from 0) trains at lr x (s + 1) / warmup during warmup, then decays along a cosine to
     min_lr_ratio x lr at trainer.max_steps."""

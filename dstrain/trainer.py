@@ -39,7 +39,7 @@ from dstrain.grad_norm import GradNormWatch
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
 from dstrain.model import build_model, model_fingerprint, parameter_counts
-from dstrain.optim import warmup_cosine_schedule, weight_decay_groups
+from dstrain.optim import optimizer_groups, warmup_cosine_schedule
 from dstrain.preemption import StopSignal
 from dstrain.preparation import data_fingerprint, prepare, write_report
 from dstrain.runlock import hold_run_dir
@@ -195,7 +195,7 @@ def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, ra
         ds_config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=weight_decay_groups(model, cfg.optim.weight_decay),
+        model_parameters=optimizer_groups(model, cfg),
         config=ds_config,
         # Handing the scheduler to DeepSpeed is what puts its state into every checkpoint.
         lr_scheduler=lambda optimizer: warmup_cosine_schedule(optimizer, cfg),

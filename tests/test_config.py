@@ -101,6 +101,8 @@ def group_options():
 COMPANIONS = {
     # `pretrained: ???` must be given a directory.
     ("model", "pretrained"): ["model.pretrained=/models/some-hf-dir"],
+    # bitsandbytes quantises while loading a pretrained model.
+    ("peft", "qlora"): ["model.pretrained=/models/some-hf-dir"],
     # Files need files.
     ("data", "files"): ["data.train_files=[/data/train.jsonl]", "data.val_files=[/data/val.jsonl]"],
     ("data", "alpaca"): ["data.train_files=[/data/alpaca.json]", "model.max_position_embeddings=512"],

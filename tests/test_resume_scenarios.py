@@ -294,3 +294,39 @@ def test_an_instruction_run_resumes_on_another_world_size(tmp_path, shared_run, 
     for number in got:
         assert got[number]["lr"] == expected[number]["lr"], f"step {number}"
         assert got[number]["loss"] == pytest.approx(expected[number]["loss"], rel=1e-4), f"step {number}"
+
+
+# --- PEFT methods -------------------------------------------------------------------------------------------
+# One scenario per ZeRO stage, each a different representative method: qlora (a 4-bit base, LoRA+ groups) under
+# ZeRO-0, LoRA with DoRA, rsLoRA and the PiSSA init in bf16 under ZeRO-2, freeze (requires_grad alone, named
+# modules, the head) under ZeRO-3 with gradient checkpointing. Their uninterrupted runs are shared_run's, which
+# tests/test_peft_methods.py also reads (training, trainable counts, export).
+
+
+def peft_scenario(zero: str, precision: str, *peft: str) -> Scenario:
+    return Scenario(seed=0, zero=zero, precision=precision, ranks=2, micro_batch=4, accumulation=1, seq_len=64,
+                    max_steps=10, save_every=4, interrupt_after=4, how="sigkill", data=peft)
+
+
+def qlora_scenario(pretrained) -> Scenario:
+    return peft_scenario("0", "fp32", f"model.pretrained={pretrained}", "+peft=qlora",
+                         "trainer.gradient_checkpointing=true", "peft.lora.loraplus_lr_ratio=4", "optim.lr=1e-2")
+
+
+def dora_pissa_scenario() -> Scenario:
+    return peft_scenario("2", "bf16", "+peft=lora", "peft.lora.use_dora=true", "peft.lora.use_rslora=true",
+                         "peft.lora.init=pissa", "optim.lr=1e-2")
+
+
+def freeze_scenario() -> Scenario:
+    return peft_scenario("3", "fp32", "+peft=freeze", "peft.freeze.modules=[model.layers.0.mlp]",
+                         "peft.freeze.train_head=true", "trainer.gradient_checkpointing=true")
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+@pytest.mark.parametrize("name", ["qlora-zero0", "dora-pissa-zero2", "freeze-zero3"])
+def test_an_interrupted_peft_run_resumes_exactly(tmp_path, shared_run, tiny_pretrained_dir, name):
+    scenario = {"qlora-zero0": lambda: qlora_scenario(tiny_pretrained_dir), "dora-pissa-zero2": dora_pissa_scenario,
+                "freeze-zero3": freeze_scenario}[name]()
+    check_scenario(tmp_path, scenario, shared_run(*scenario.overrides()))
