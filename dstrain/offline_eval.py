@@ -15,6 +15,7 @@ of `--harness-tasks-dir`.
 
 import json
 import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -115,7 +116,9 @@ def _exported(directory: Path, data_format: Optional[str]) -> ModelToEvaluate:
         model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    cfg = compose([f"+data={data_format}", f"model.pretrained={directory}", "+model=pretrained"])
+    # Without a run's layout to reproduce: every row, one per micro-batch.
+    cfg = compose([f"+data={data_format}", "+model=pretrained", f"model.pretrained={directory}",
+                   "trainer.micro_batch_size=1", f"trainer.eval_batches={sys.maxsize}"])
     return ModelToEvaluate(model.eval(), AutoTokenizer.from_pretrained(str(directory)), cfg, 1, None, directory)
 
 

@@ -1,0 +1,138 @@
+"""Evaluation by generation (eval.*) and `dstrain eval`: the config checks, one-line refusals of bad input, a
+2-rank ZeRO-3 run whose ranks generate together and whose logged scores a single-process `dstrain eval`
+reproduces, and lm-evaluation-harness on a local task, offline. (The LoRA fine-tune of SmolLM2 that scores,
+stops early and is evaluated again from checkpoints/best is in tests/test_finetune.py.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import _env, train
+from dstrain.checks import validate
+from dstrain.compose import compose
+from dstrain.errors import ConfigError
+
+# Instruction data on the tiny model and its byte-level tokenizer, with the built-in alpaca template.
+ALPACA = ("+data=alpaca", "data.template=alpaca", "data.seq_len=128", "data.train_files=[/nonexistent.json]")
+GENERATION_SCORES = ("eval_bleu", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_exact_match")
+
+
+def _config(*overrides: str):
+    return compose([*ALPACA, "trainer.eval_every=10", *overrides])
+
+
+def test_generation_scores_can_judge_early_stopping():
+    validate(_config("eval.generate_every=10", "trainer.early_stopping.enabled=true",
+                     "trainer.early_stopping.metric=eval_rougeL", "trainer.early_stopping.mode=max"))
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (("eval.generate_every=15",), "eval.generate_every=15"),
+    (("eval.generate_every=-1",), "eval.generate_every=-1"),
+    (("eval.generate_every=10", "eval.max_new_tokens=128"), "eval.max_new_tokens=128"),
+    (("eval.generate_every=10", "eval.max_prompts=0"), "eval.max_prompts=0"),
+    (("eval.metrics=[bleu,meteor]",), "eval.metrics"),
+    (("trainer.early_stopping.enabled=true", "trainer.early_stopping.metric=eval_rougeL"), "eval_rougeL"),
+    (("eval.generate_every=20", "trainer.early_stopping.enabled=true", "trainer.early_stopping.metric=eval_bleu"),
+     "eval.generate_every=10"),
+])
+def test_impossible_generation_settings_are_refused_naming_the_key(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+        validate(_config(*overrides))
+
+
+def test_plain_text_has_no_prompts_to_answer():
+    with pytest.raises(ConfigError, match="data.format=text"):
+        validate(compose(["trainer.eval_every=10", "eval.generate_every=10"]))
+
+
+def _dstrain_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dstrain", "eval", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("make, named", [
+    (lambda tmp: tmp / "missing", "does not exist"),
+    (lambda tmp: tmp, "neither a dstrain checkpoint"),
+])
+def test_dstrain_eval_refuses_what_is_not_a_model_in_one_line(tmp_path, make, named):
+    result = _dstrain_eval(str(make(tmp_path)), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("dstrain: config error:") and named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _write_alpaca(path: Path, count: int) -> Path:
+    records = [{"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."}
+               for a in range(8) for b in range(8)][:count]
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.slow
+def test_zero3_ranks_generate_together_and_dstrain_eval_gives_the_same_numbers(tmp_path):
+    """Under ZeRO-3 every forward pass gathers parameters from all ranks, so both ranks generate in step (one
+    with a prompt fewer repeats one); a single process reading the consolidated checkpoint agrees."""
+    data = _write_alpaca(tmp_path / "alpaca.json", 64)
+    run = train(tmp_path, *ALPACA[:3], f"data.train_files=[{data}]", "+zero=3", "trainer.micro_batch_size=1",
+                "scheduler.warmup_steps=1", "trainer.max_steps=3", "trainer.eval_every=3", "eval.generate_every=3",
+                "eval.max_prompts=5", "eval.max_new_tokens=12")
+    logged = next(row for row in run.metrics() if "eval_loss" in row)
+    assert logged["step"] == 3 and all(0 <= logged[name] <= 1 for name in GENERATION_SCORES), logged
+    result = _dstrain_eval(str(run.run_dir / "checkpoints" / "latest"), "--split", "validation", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((run.run_dir / "checkpoints" / "step_00000003" / "eval_validation.json").read_text())
+    assert evaluated["prompts"] == 5
+    for name, value in evaluated["metrics"].items():
+        assert value == pytest.approx(logged[name], rel=1e-6, abs=1e-9), name
+
+
+MULTIPLE_CHOICE = [
+    {"question": "What is the capital of France?", "choices": ["Berlin", "Paris", "Madrid", "Rome"], "answer": 1},
+    {"question": "How many legs does a spider have?", "choices": ["six", "four", "eight", "ten"], "answer": 2},
+    {"question": "Which planet is the largest?", "choices": ["Jupiter", "Mars", "Venus", "Mercury"], "answer": 0},
+    {"question": "What do bees make?", "choices": ["milk", "silk", "wax paper", "honey"], "answer": 3},
+]
+
+
+def _harness_task(directory: Path) -> Path:
+    items = directory / "tiny_mc.json"
+    items.write_text(json.dumps(MULTIPLE_CHOICE))
+    (directory / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {items}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\n"
+        "doc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    return directory
+
+
+@pytest.mark.slow
+def test_an_exported_model_on_files_with_the_harness_offline(tmp_path, smollm2_model_dir):
+    """SmolLM2 as a Hugging Face directory (what `dstrain export` writes), its answers to 4 alpaca prompts
+    scored, and a 4-item multiple-choice task run by lm-evaluation-harness from a local YAML and JSON file."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = _write_alpaca(tmp_path / "alpaca.json", 4)
+    output = tmp_path / "smollm2.json"
+    env_offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dstrain", "eval", str(smollm2_model_dir), "--files", str(data), "--data-format",
+         "alpaca", "--harness", "tiny_mc", "--harness-tasks-dir", str(_harness_task(tasks)), "--output", str(output)],
+        cwd=tmp_path, env=dict(_env(), **env_offline), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(output.read_text())
+    assert evaluated["step"] is None and evaluated["prompts"] == 4
+    assert 0 < evaluated["metrics"]["eval_loss"] < 10
+    assert all(0 <= evaluated["metrics"][name] <= 1 for name in GENERATION_SCORES)
+    accuracy = evaluated["harness"]["tiny_mc"]["acc,none"]
+    assert 0 <= accuracy <= 1 and "tiny_mc/acc,none" in result.stdout
