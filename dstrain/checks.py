@@ -142,7 +142,17 @@ def check_peft(cfg: TrainConfig) -> None:
             f"peft.lora.init={lora.init} decomposes the whole base weights, which ZeRO-3 has partitioned. "
             f"Use +zero=2 (or 0/1), or peft.lora.init=default."
         )
+    if lora.init in ("pissa", "olora") and lora.use_dora and method == "lora":
+        raise ConfigError(
+            f"peft.lora.init={lora.init} with peft.lora.use_dora=true: the adapter could not be exported for the "
+            f"unchanged base (DoRA's magnitudes depend on the base weights). Set one of them only."
+        )
     if method == "qlora":
+        if lora.init in ("pissa", "olora"):
+            raise ConfigError(
+                f"peft.lora.init={lora.init} with peft.method=qlora would decompose the 4-bit weights, and the "
+                f"adapter would not fit the unquantised base. Use +peft=lora with it, or peft.lora.init=default."
+            )
         if not cfg.model.pretrained:
             raise ConfigError(
                 "peft.method=qlora quantises a pretrained model while loading it: set model.pretrained=<dir> "

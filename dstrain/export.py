@@ -26,9 +26,7 @@ import torch
 from dstrain.adapters import peft_method
 from dstrain.checkpoint import follow_pointer
 from dstrain.errors import ConfigError
-from dstrain.loading import (
-    TrainedModel, checked_manifest, load_trained_model, rebuild_model, train_config_from_manifest,
-)
+from dstrain.loading import TrainedModel, checked_manifest, load_trained_model, train_config_from_manifest
 from dstrain.registry import Registry
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,7 +52,7 @@ class HuggingFaceFormat:
         if not peft_method(cfg).has_adapter:
             save_full_model(trained.model, tokenizer, staging)
             return
-        save_adapter(trained.model, staging, cfg.model.pretrained, initial_adapter(cfg))
+        save_adapter(trained.model, staging, cfg.model.pretrained, initial_adapter(trained))
         tokenizer.save_pretrained(staging)
         if merged:
             save_full_model(trained.model.merge_and_unload(), tokenizer, staging / MERGED_SUBDIR)
@@ -125,13 +123,16 @@ def save_full_model(model: torch.nn.Module, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def initial_adapter(cfg) -> Optional[torch.nn.Module]:
+def initial_adapter(trained: TrainedModel) -> Optional[torch.nn.Module]:
     """For peft.lora.init=pissa or olora, which moved part of the base weights into the adapter: the model as
-    training started (rebuilt, so the same decomposition of model.pretrained), which the adapter export is
-    converted against. None for every other method and init."""
-    if cfg.peft.method not in ("lora", "qlora") or cfg.peft.lora.init not in ("pissa", "olora"):
+    training built it before its first step (model.pretrained's weights, or the preset's from the seed, and the
+    same decomposition of them), which the adapter export is converted against. None for every other init."""
+    cfg = trained.cfg
+    if cfg.peft.method != "lora" or cfg.peft.lora.init not in ("pissa", "olora"):
         return None
-    return rebuild_model(cfg)
+    from dstrain.model import build_model
+
+    return build_model(cfg, trained.tokenizer).eval()
 
 
 def save_adapter(peft_model: torch.nn.Module, directory: Path, base: Optional[str],

@@ -9,8 +9,8 @@ What is covered, and why this way (the suite's time is tight):
   schedule.
 - Training, slow: one 2-rank run per method family, each under one ZeRO stage, so that together they cover
   stages 0, 2 and 3 with and without gradient checkpointing. Three of them are also the uninterrupted runs of
-  the SIGKILL-resume scenarios at the end of tests/test_resume_scenarios.py (qlora under ZeRO-0, DoRA + rsLoRA +
-  PiSSA in bf16 under ZeRO-2, freeze under ZeRO-3), shared through shared_run, so those cost no extra run here.
+  the SIGKILL-resume scenarios at the end of tests/test_resume_scenarios.py (qlora with DoRA and LoRA+ under
+  ZeRO-0, rsLoRA + PiSSA in bf16 under ZeRO-2, freeze under ZeRO-3), shared through shared_run, so those cost no extra run here.
   The others: prompt tuning under ZeRO-3 with checkpointing, prefix tuning under ZeRO-2, IA3 under ZeRO-3.
   Full fine-tuning and plain LoRA are trained throughout the rest of the suite.
 - Export, per run: the adapter loads with PeftModel.from_pretrained and gives the trained model's logits, the
@@ -25,7 +25,7 @@ import torch
 from dstrain.checks import validate
 from dstrain.compose import compose
 from dstrain.errors import ConfigError
-from test_resume_scenarios import dora_pissa_scenario, freeze_scenario, qlora_scenario
+from test_resume_scenarios import rslora_pissa_scenario, freeze_scenario, qlora_scenario
 
 # (overrides, what the one line must name)
 REFUSED = [
@@ -36,6 +36,8 @@ REFUSED = [
     (["+peft=prompt", "+data=alpaca", "data.train_files=[/d.json]"], "data.packing=false"),
     (["+peft=prefix", "+data=alpaca", "data.train_files=[/d.json]"], "data.packing=false"),
     (["+peft=lora", "peft.lora.init=pissa", "+zero=3"], "peft.lora.init=pissa"),
+    (["+peft=qlora", "model.pretrained=/m", "peft.lora.init=olora"], "peft.lora.init=olora"),
+    (["+peft=lora", "peft.lora.init=pissa", "peft.lora.use_dora=true"], "peft.lora.use_dora=true"),
     (["+peft=lora", "peft.lora.init=olora", "+zero=3"], "peft.lora.init=olora"),
     (["+peft=lora", "peft.lora.r=0"], "peft.lora.r=0"),
     (["+peft=lora", "peft.lora.alpha=0"], "peft.lora.alpha=0"),
@@ -158,7 +160,7 @@ def _short(*peft: str):
 
 RUNS = {
     "qlora-zero0": lambda pretrained: qlora_scenario(pretrained).overrides(),
-    "dora-pissa-zero2": lambda pretrained: dora_pissa_scenario().overrides(),
+    "rslora-pissa-zero2": lambda pretrained: rslora_pissa_scenario().overrides(),
     "freeze-zero3": lambda pretrained: freeze_scenario().overrides(),
     "prompt-zero3": lambda pretrained: _short(f"model.pretrained={pretrained}", "+peft=prompt", "+zero=3",
                                               "trainer.gradient_checkpointing=true"),

@@ -297,8 +297,8 @@ def test_an_instruction_run_resumes_on_another_world_size(tmp_path, shared_run, 
 
 
 # --- PEFT methods -------------------------------------------------------------------------------------------
-# One scenario per ZeRO stage, each a different representative method: qlora (a 4-bit base, LoRA+ groups) under
-# ZeRO-0, LoRA with DoRA, rsLoRA and the PiSSA init in bf16 under ZeRO-2, freeze (requires_grad alone, named
+# One scenario per ZeRO stage, each a different representative method: qlora (a 4-bit base, DoRA, LoRA+ groups)
+# under ZeRO-0, LoRA with rsLoRA and the PiSSA init in bf16 under ZeRO-2, freeze (requires_grad alone, named
 # modules, the head) under ZeRO-3 with gradient checkpointing. Their uninterrupted runs are shared_run's, which
 # tests/test_peft_methods.py also reads (training, trainable counts, export).
 
@@ -310,12 +310,13 @@ def peft_scenario(zero: str, precision: str, *peft: str) -> Scenario:
 
 def qlora_scenario(pretrained) -> Scenario:
     return peft_scenario("0", "fp32", f"model.pretrained={pretrained}", "+peft=qlora",
-                         "trainer.gradient_checkpointing=true", "peft.lora.loraplus_lr_ratio=4", "optim.lr=1e-2")
+                         "trainer.gradient_checkpointing=true", "peft.lora.use_dora=true",
+                         "peft.lora.loraplus_lr_ratio=4", "optim.lr=1e-2")
 
 
-def dora_pissa_scenario() -> Scenario:
-    return peft_scenario("2", "bf16", "+peft=lora", "peft.lora.use_dora=true", "peft.lora.use_rslora=true",
-                         "peft.lora.init=pissa", "optim.lr=1e-2")
+def rslora_pissa_scenario() -> Scenario:
+    return peft_scenario("2", "bf16", "+peft=lora", "peft.lora.use_rslora=true", "peft.lora.init=pissa",
+                         "optim.lr=1e-2")
 
 
 def freeze_scenario() -> Scenario:
@@ -325,8 +326,8 @@ def freeze_scenario() -> Scenario:
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.parametrize("name", ["qlora-zero0", "dora-pissa-zero2", "freeze-zero3"])
+@pytest.mark.parametrize("name", ["qlora-zero0", "rslora-pissa-zero2", "freeze-zero3"])
 def test_an_interrupted_peft_run_resumes_exactly(tmp_path, shared_run, tiny_pretrained_dir, name):
-    scenario = {"qlora-zero0": lambda: qlora_scenario(tiny_pretrained_dir), "dora-pissa-zero2": dora_pissa_scenario,
+    scenario = {"qlora-zero0": lambda: qlora_scenario(tiny_pretrained_dir), "rslora-pissa-zero2": rslora_pissa_scenario,
                 "freeze-zero3": freeze_scenario}[name]()
     check_scenario(tmp_path, scenario, shared_run(*scenario.overrides()))
