@@ -201,8 +201,8 @@ def test_each_method_trains_on_two_ranks_and_exports_what_it_trained(tmp_path, s
 
     from dstrain.adapters import peft_method
     from dstrain.export import export_checkpoint
-    from dstrain.loading import load_trained_model, rebuild_model
-    from dstrain.model import parameter_counts
+    from dstrain.loading import load_trained_model
+    from dstrain.model import build_model, parameter_counts
 
     run = shared_run(*RUNS[name](tiny_pretrained_dir))
     losses = run.losses()
@@ -215,8 +215,8 @@ def test_each_method_trains_on_two_ranks_and_exports_what_it_trained(tmp_path, s
     assert _trainable_count_logged(run.output) == parameter_counts(built)[1]
 
     # What trained changed; what was frozen did not (the base of a pissa init excepted: training started from
-    # its residual).
-    initial = rebuild_model(cfg).state_dict()
+    # its residual). The model as training built it, before its first step:
+    initial = build_model(cfg, trained.tokenizer).state_dict()
     now = trained.model.state_dict()
     trainable = _trainable_names(trained.model)
     for key, tensor in now.items():
