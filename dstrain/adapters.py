@@ -126,6 +126,7 @@ class QLora(Lora):
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         from peft import prepare_model_for_kbit_training
 
+        # dstrain.loading rebuilds the trained model on a dequantised base, which needs no preparation.
         if is_4bit(model):
             # Norms and embeddings in fp32 and, where asked, non-reentrant checkpointing with input grads.
             model = prepare_model_for_kbit_training(

@@ -32,11 +32,13 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig):
     ratio = cfg.peft.lora.loraplus_lr_ratio
     if ratio == 1:
         return groups
-    b_matrices = {id(parameter) for name, parameter in model.named_parameters() if ".lora_B." in name}
+    b_matrices = [
+        parameter for name, parameter in model.named_parameters() if ".lora_B." in name and parameter.requires_grad
+    ]
+    moved = {id(parameter) for parameter in b_matrices}
     for group in groups:
-        group["params"] = [parameter for parameter in group["params"] if id(parameter) not in b_matrices]
-    loraplus = [parameter for parameter in model.parameters() if id(parameter) in b_matrices and parameter.requires_grad]
-    return groups + [{"params": loraplus, "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.lr * ratio}]
+        group["params"] = [parameter for parameter in group["params"] if id(parameter) not in moved]
+    return groups + [{"params": b_matrices, "weight_decay": cfg.optim.weight_decay, "lr": cfg.optim.lr * ratio}]
 
 
 def warmup_cosine_schedule(optimizer, cfg: TrainConfig):

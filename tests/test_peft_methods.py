@@ -10,7 +10,8 @@ What is covered, and why this way (the suite's time is tight):
 - Training, slow: one 2-rank run per method family, each under one ZeRO stage, so that together they cover
   stages 0, 2 and 3 with and without gradient checkpointing. Three of them are also the uninterrupted runs of
   the SIGKILL-resume scenarios at the end of tests/test_resume_scenarios.py (qlora with DoRA and LoRA+ under
-  ZeRO-0, rsLoRA + PiSSA in bf16 under ZeRO-2, freeze under ZeRO-3), shared through shared_run, so those cost no extra run here.
+  ZeRO-0, rsLoRA + PiSSA in bf16 under ZeRO-2, freeze under ZeRO-3), shared through shared_run, so those cost
+  no extra run here.
   The others: prompt tuning under ZeRO-3 with checkpointing, prefix tuning under ZeRO-2, IA3 under ZeRO-3.
   Full fine-tuning and plain LoRA are trained throughout the rest of the suite.
 - Export, per run: the adapter loads with PeftModel.from_pretrained and gives the trained model's logits, the
@@ -50,7 +51,11 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("overrides, named", REFUSED, ids=lambda value: " ".join(value) if isinstance(value, list) else "")
+def _ids(value):
+    return " ".join(value) if isinstance(value, list) else ""
+
+
+@pytest.mark.parametrize("overrides, named", REFUSED, ids=_ids)
 def test_impossible_peft_settings_are_refused_in_one_line_naming_the_key(overrides, named):
     with pytest.raises(ConfigError) as refused:
         validate(compose(overrides))
@@ -97,7 +102,7 @@ TRAINABLE = [
 ]
 
 
-@pytest.mark.parametrize("overrides, pattern, count", TRAINABLE, ids=lambda value: " ".join(value) if isinstance(value, list) else "")
+@pytest.mark.parametrize("overrides, pattern, count", TRAINABLE, ids=_ids)
 def test_each_method_trains_what_it_should_and_the_count_says_so(overrides, pattern, count):
     from dstrain.model import parameter_counts
 
