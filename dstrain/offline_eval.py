@@ -50,6 +50,9 @@ def evaluate_model(path: Path, split: str = "test", files: Optional[List[str]] =
     if harness_tasks and harness_tasks_dir is None:
         raise ConfigError("--harness needs --harness-tasks-dir DIR, the local task YAML files (it runs offline)")
     target = load_model_to_evaluate(Path(path), data_format)
+    # As in training: with the KV cache on, transformers does not detect packed rows from their position ids,
+    # and attention would cross samples. Generation turns the cache on for itself.
+    target.model.config.use_cache = False
     rows, prompts, source = evaluation_data(target, split, files)
     results = {"model": str(target.path), "step": target.step, "data": source, "rows": len(rows)}
     metrics = perplexity(target, rows)
@@ -94,11 +97,17 @@ def _checkpoint(checkpoint: Path) -> ModelToEvaluate:
     from dstrain.loading import load_trained_model
 
     trained = load_trained_model(checkpoint)
-    # The engine computed with the 16-bit rounding of its fp32 masters; casting the consolidated fp32 weights
-    # rounds them the same way, so the forward passes are the ones the run made.
-    model = trained.model.to(_DTYPES[trained.cfg.precision.dtype])
-    return ModelToEvaluate(model, trained.tokenizer, trained.cfg, trained.manifest["world_size"],
+    cast_parameters(trained.model, _DTYPES[trained.cfg.precision.dtype])
+    return ModelToEvaluate(trained.model, trained.tokenizer, trained.cfg, trained.manifest["world_size"],
                            trained.manifest["step"], checkpoint)
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The parameters in the training precision, as DeepSpeed's engine casts them: the 16-bit rounding of the
+    fp32 masters, which is what the engine computed with. Buffers stay fp32 as they do there (the rotary
+    embedding's frequencies: rounding them too would move the loss by about 1e-3)."""
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
 
 
 def _exported(directory: Path, data_format: Optional[str]) -> ModelToEvaluate:
