@@ -141,8 +141,8 @@ def evaluation_data(target: ModelToEvaluate, split: str, files: Optional[List[st
         if cfg.data.format == "text":
             raise ConfigError("--files needs instruction data (the run trained on data.format=text)")
         # The files as the test split of the run's own data settings: prepared (and cached) the same way.
-        cfg = replace(cfg, data=replace(cfg.data, name="files", split=[], train_files=list(files), val_files=[],
-                                        test_files=list(files)))
+        cfg = replace(cfg, data=replace(cfg.data, name="files", split=[], train_files=list(files), train_weights=[],
+                                        train_max_rows=[], val_files=[], test_files=list(files)))
         split = "test"
     elif target.step is None:
         raise ConfigError("an exported model has no run data to evaluate on: give --files F...")
