@@ -133,11 +133,29 @@ class QLora(Lora):
                 model, use_gradient_checkpointing=cfg.trainer.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-        return super().apply(model, cfg)
+        model = super().apply(model, cfg)
+        model.register_load_state_dict_pre_hook(drop_quantization_states)
+        return model
 
 
 def is_4bit(model: torch.nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False))
+
+
+# What bitsandbytes calls the tensors of a 4-bit weight's quantisation state in a state dict.
+QUANT_STATE_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".nested_absmax", ".nested_quant_map")
+
+
+def is_quantization_state(name: str) -> bool:
+    return any(marker in name for marker in QUANT_STATE_MARKERS)
+
+
+def drop_quantization_states(module, state_dict, *_) -> None:
+    """A checkpoint of a 4-bit base holds each weight's quantisation state next to its packed bytes, and the
+    layers do not take them back on load (DeepSpeed loads strictly when it resumes). Every start quantises
+    model.pretrained afresh, and identically, so the states are left out rather than loaded."""
+    for name in [name for name in state_dict if is_quantization_state(name)]:
+        del state_dict[name]
 
 
 class Ia3(PeftLibraryMethod):

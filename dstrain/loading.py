@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from dstrain.adapters import peft_method
+from dstrain.adapters import is_quantization_state, peft_method
 from dstrain.checkpoint import BEST, MANIFEST, follow_pointer, problem_with, read_manifest
 from dstrain.config import TrainConfig, unflatten
 from dstrain.data import build_tokenizer
@@ -169,17 +169,13 @@ def dequantized_base(cfg: TrainConfig) -> torch.nn.Module:
     return model.dequantize().float()
 
 
-# What bitsandbytes calls the tensors of a 4-bit weight's quantisation state in a state dict.
-_QUANT_STATE_MARKERS = (".absmax", ".quant_map", ".quant_state.", ".nested_absmax", ".nested_quant_map")
-
-
 def with_dequantized_base(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A qlora checkpoint holds its frozen base as packed 4-bit bytes with their quantisation states; the
     rebuilt model holds the same weights dequantised. Keep the checkpoint's other tensors (the adapter first)."""
     expected = model.state_dict()
     kept = {}
     for name, tensor in state_dict.items():
-        if any(marker in name for marker in _QUANT_STATE_MARKERS):
+        if is_quantization_state(name):
             continue
         packed = tensor.dtype == torch.uint8 and expected[name].shape != tensor.shape
         kept[name] = expected[name] if packed else tensor
