@@ -18,17 +18,17 @@ from dstrain.config import TrainConfig
 from dstrain.data import IGNORE_INDEX, pad_id, read_role
 from dstrain.errors import DataError
 from dstrain.packing import PackingConfig, pack, packing_efficiency
-from dstrain.preparation import prompts_name
 from dstrain.sources import WHERE
 
 _BATCH_SIZE = 1000
 
 
 def prepare_instruction_data(
-    cfg: TrainConfig, tokenizer, fingerprint: str
+    cfg: TrainConfig, tokenizer, fingerprint: str, prompts: Optional[Dict[str, datasets.Dataset]] = None
 ) -> Tuple[Dict[str, datasets.Dataset], dict, str]:
     """The prepared splits (train, and validation and test where there are such data), the report, and the
-    chat template used. `fingerprint` names the cache entries of the intermediate maps."""
+    chat template used. `fingerprint` names the cache entries of the intermediate maps. `prompts`, where
+    given, receives the validation and test splits' generation prompts, by split name."""
     data = cfg.data
     template = chat_template_for(tokenizer, data.template)
     steps = _Steps(cfg, tokenizer, template, fingerprint)
@@ -48,8 +48,8 @@ def prepare_instruction_data(
         section = {"cleaning": cleaning.to_json()} if cleaning else {}
         prepared[name] = steps.rows(conversations, name, section)
         report["splits"][name] = section
-        if name != "train":  # what evaluation by generation answers (dstrain.evaluation.Generation)
-            prepared[prompts_name(name)] = steps.prompts(conversations, name)
+        if name != "train" and prompts is not None:  # what evaluation by generation answers
+            prompts[name] = steps.prompts(conversations, name)
     if "train" not in prepared or len(prepared["train"]) == 0:
         raise DataError("no training sample is left after cleaning and the length limits: see the data report above.")
     return prepared, report, template

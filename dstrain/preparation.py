@@ -132,7 +132,8 @@ def _prepare_into(entry: Path, cfg: TrainConfig, tokenizer, fingerprint: str) ->
     from dstrain.instructions import prepare_instruction_data, report_lines
 
     log.info("preparing %s data into %s", cfg.data.format, entry)
-    splits, report, template = prepare_instruction_data(cfg, tokenizer, fingerprint)
+    prompts: Dict[str, datasets.Dataset] = {}
+    splits, report, template = prepare_instruction_data(cfg, tokenizer, fingerprint, prompts)
     report["fingerprint"] = fingerprint
     for line in report_lines(report):
         log.info("data: %s", line)
@@ -141,6 +142,8 @@ def _prepare_into(entry: Path, cfg: TrainConfig, tokenizer, fingerprint: str) ->
     staging.mkdir(parents=True)
     for name, rows in splits.items():
         rows.save_to_disk(str(staging / name))
+    for name, split_prompts in prompts.items():
+        split_prompts.save_to_disk(str(staging / prompts_name(name)))
     (staging / TEMPLATE).write_text(template)
     (staging / REPORT).write_text(json.dumps(report, indent=1, ensure_ascii=False))
     try:
