@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import _env, train
 from dstrain.checks import validate
 from dstrain.compose import compose
 from dstrain.errors import ConfigError
+from dstrain.evaluation import Generation
 
 # Instruction data on the tiny model and its byte-level tokenizer, with the built-in alpaca template.
 ALPACA = ("+data=alpaca", "data.template=alpaca", "data.seq_len=128", "data.train_files=[/nonexistent.json]")
@@ -47,6 +49,57 @@ def test_impossible_generation_settings_are_refused_naming_the_key(overrides, na
 def test_plain_text_has_no_prompts_to_answer():
     with pytest.raises(ConfigError, match="data.format=text"):
         validate(compose(["trainer.eval_every=10", "eval.generate_every=10"]))
+
+
+class _EchoModel:
+    """Stands in for a causal LM: "generates" each prompt's last token id again, and counts its calls."""
+
+    class config:
+        eos_token_id = 257
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, input_ids, attention_mask, generation_config, synced_gpus):
+        assert generation_config.use_cache and not generation_config.do_sample and generation_config.num_beams == 1
+        self.prompts.append(input_ids[0].tolist())
+        return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
+
+
+def _generation(max_prompts: int = 5, max_new_tokens: int = 4):
+    import datasets
+
+    from dstrain.data import byte_level_tokenizer
+    from dstrain.eval_config import EvalConfig
+
+    prompts = datasets.Dataset.from_dict({
+        "prompt_ids": [list(range(10 * number, 10 * number + 12)) for number in range(6)],
+        "reference": [chr(ord("a") + number) for number in range(6)],
+    })
+    return Generation(EvalConfig(max_prompts=max_prompts, max_new_tokens=max_new_tokens), 12, byte_level_tokenizer(),
+                      prompts)
+
+
+@pytest.mark.parametrize("rank, synced, calls, answered", [
+    (0, False, 3, [0, 2, 4]), (1, False, 2, [1, 3]),
+    # Under ZeRO-3 the rank with a prompt fewer generates once more (prompt 0 again) and drops that answer.
+    (1, True, 3, [1, 3]),
+])
+def test_ranks_share_the_first_prompts_and_keep_their_last_tokens(rank, synced, calls, answered):
+    generation, model = _generation(), _EchoModel()
+    answers = generation.answers(model, torch.device("cpu"), rank, 2, synced)
+    assert len(model.prompts) == calls and sorted(answers) == answered
+    # seq_len 12 - max_new_tokens 4: the last 8 tokens of each prompt.
+    assert model.prompts[0] == list(range(10 * rank + 4, 10 * rank + 12))
+    # The answer is what follows the prompt, decoded.
+    assert answers[answered[0]] == generation.tokenizer.decode([10 * answered[0] + 11]).strip()
+
+
+def test_one_process_scores_the_answers_in_prompt_order():
+    generation = _generation(max_prompts=3)
+    scores = generation.evaluate(_EchoModel(), torch.device("cpu"))
+    assert set(scores) == {f"eval_{name}" for name in ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")}
+    assert scores["eval_exact_match"] == 0
 
 
 def _dstrain_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
