@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dstrain.config import TrainConfig
-from dstrain.data import Batch, counted_tokens
+from dstrain.data import Batch, counted_tokens, pad_id
 from dstrain.distributed import sum_over_ranks
 from dstrain.eval_config import EvalConfig
 from dstrain.loss import summed_token_loss
@@ -104,9 +104,7 @@ class Generation:
 
         return GenerationConfig(
             max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-            eos_token_id=stop_token_ids(self.tokenizer, model.config.eos_token_id),
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(self.tokenizer, model.config.eos_token_id), pad_token_id=pad_id(self.tokenizer),
         )
 
 
