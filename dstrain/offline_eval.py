@@ -31,6 +31,8 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class ModelToEvaluate:
+    """A loaded model, in eval mode, with the config that says which data and layout it is evaluated on."""
+
     model: torch.nn.Module
     tokenizer: object
     cfg: TrainConfig
