@@ -158,10 +158,15 @@ def check_peft(cfg: TrainConfig) -> None:
                 "peft.method=qlora quantises a pretrained model while loading it: set model.pretrained=<dir> "
                 "(or use +peft=lora on a preset shape)."
             )
-        if stage != 0:
+        if stage == 3:
             raise ConfigError(
-                f"peft.method=qlora trains under ZeRO stage 0 only (DeepSpeed cannot partition or shard 4-bit "
-                f"weights), but zero.stage={stage}. Use +zero=0, or +peft=lora with +zero={stage}."
+                "peft.method=qlora cannot train under ZeRO-3, which cannot partition 4-bit weights. Use +zero=2 "
+                "(or 0/1: the frozen 4-bit base is small on every rank), or +peft=lora with +zero=3."
+            )
+        if stage in (1, 2) and lora.use_dora:
+            raise ConfigError(
+                f"peft.lora.use_dora=true with peft.method=qlora under zero.stage={stage}: DeepSpeed's ZeRO-1/2 "
+                f"checkpoint loses track of the 4-bit weights DoRA re-creates, and cannot be saved. Use +zero=0."
             )
     if method == "prefix" and cfg.trainer.gradient_checkpointing:
         raise ConfigError(

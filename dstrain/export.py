@@ -66,28 +66,8 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, outp
     checkpoint, output = follow_pointer(Path(checkpoint)).resolve(), Path(output).resolve()
     writer = EXPORT_FORMATS[output_format]
     cfg = train_config_from_manifest(checked_manifest(checkpoint))
+    check_exportable(cfg, checkpoint, merged)
     adapter = peft_method(cfg).has_adapter
-    if merged and not adapter:
-        raise ConfigError(
-            f"--merged merges an adapter, but {checkpoint} was trained with peft.method={cfg.peft.method}. "
-            f"Leave out --merged: the export is the full model."
-        )
-    if merged and not peft_method(cfg).can_merge:
-        raise ConfigError(
-            f"peft.method={cfg.peft.method} adds virtual tokens, which cannot be merged into the model's weights. "
-            f"Leave out --merged: the export is the adapter, for PeftModel.from_pretrained."
-        )
-    if adapter and not cfg.model.pretrained and not peft_method(cfg).can_merge:
-        raise ConfigError(
-            f"{checkpoint} holds a peft.method={cfg.peft.method} adapter on a randomly initialised base "
-            f"(model.pretrained was not set), which exists only in the checkpoint and cannot be merged with "
-            f"the adapter: there is nothing usable to export. Train from model.pretrained=<dir>."
-        )
-    if adapter and not cfg.model.pretrained and not merged:
-        raise ConfigError(
-            f"{checkpoint} holds an adapter on a randomly initialised base (model.pretrained was not set), "
-            f"so an adapter alone could not be used. Export with --merged to get the full model as well."
-        )
     check_output_dir(output)
     trained = load_trained_model(checkpoint)
 
@@ -101,6 +81,33 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, outp
     written = [output, output / MERGED_SUBDIR] if merged else [output]
     manifest = trained.manifest
     return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, adapter, written)
+
+
+def check_exportable(cfg, checkpoint: Path, merged: bool) -> None:
+    """What the method's export can hold: the full model, an adapter, a merged model (module docstring)."""
+    method = peft_method(cfg)
+    adapter = method.has_adapter
+    if merged and not adapter:
+        raise ConfigError(
+            f"--merged merges an adapter, but {checkpoint} was trained with peft.method={cfg.peft.method}. "
+            f"Leave out --merged: the export is the full model."
+        )
+    if merged and not method.can_merge:
+        raise ConfigError(
+            f"peft.method={cfg.peft.method} adds virtual tokens, which cannot be merged into the model's weights. "
+            f"Leave out --merged: the export is the adapter, for PeftModel.from_pretrained."
+        )
+    if adapter and not cfg.model.pretrained and not method.can_merge:
+        raise ConfigError(
+            f"{checkpoint} holds a peft.method={cfg.peft.method} adapter on a randomly initialised base "
+            f"(model.pretrained was not set), which exists only in the checkpoint and cannot be merged with "
+            f"the adapter: there is nothing usable to export. Train from model.pretrained=<dir>."
+        )
+    if adapter and not cfg.model.pretrained and not merged:
+        raise ConfigError(
+            f"{checkpoint} holds an adapter on a randomly initialised base (model.pretrained was not set), "
+            f"so an adapter alone could not be used. Export with --merged to get the full model as well."
+        )
 
 
 def check_output_dir(output: Path) -> None:

@@ -1,7 +1,7 @@
 """PEFT methods (dstrain.adapters): none, freeze, lora (DoRA, rsLoRA, init, LoRA+), qlora, ia3, prompt, prefix.
 
 What is covered, and why this way (the suite's time is tight):
-- Refusals, fast: every impossible combination (qlora without model.pretrained or under ZeRO 1-3, prefix with
+- Refusals, fast: every impossible combination (qlora without model.pretrained or under ZeRO-3, prefix with
   gradient checkpointing, prompt/prefix with packed instruction rows, pissa/olora under ZeRO-3) and every range
   check is refused by validate on a composed config, naming the key.
 - Building, fast and in-process: each method wraps the tiny model with the trainable parameters it should, and
@@ -12,7 +12,8 @@ What is covered, and why this way (the suite's time is tight):
   the SIGKILL-resume scenarios at the end of tests/test_resume_scenarios.py (qlora with DoRA and LoRA+ under
   ZeRO-0, rsLoRA + PiSSA in bf16 under ZeRO-2, freeze under ZeRO-3), shared through shared_run, so those cost
   no extra run here.
-  The others: prompt tuning under ZeRO-3 with checkpointing, prefix tuning under ZeRO-2, IA3 under ZeRO-3.
+  The others: prompt tuning under ZeRO-3 with checkpointing, prefix tuning under ZeRO-2, IA3 under ZeRO-3,
+  and plain qlora under ZeRO-2 (a stage whose checkpoints must find the 4-bit weights).
   Full fine-tuning and plain LoRA are trained throughout the rest of the suite.
 - Export, per run: the adapter loads with PeftModel.from_pretrained and gives the trained model's logits, the
   merged model too where the method merges, and what trained changed while what was frozen did not.
@@ -31,8 +32,8 @@ from test_resume_scenarios import rslora_pissa_scenario, freeze_scenario, qlora_
 # (overrides, what the one line must name)
 REFUSED = [
     (["+peft=qlora"], "model.pretrained"),
-    (["+peft=qlora", "model.pretrained=/m", "+zero=2"], "ZeRO stage 0 only"),
-    (["+peft=qlora", "model.pretrained=/m", "+zero=3"], "ZeRO stage 0 only"),
+    (["+peft=qlora", "model.pretrained=/m", "+zero=3"], "+zero=2"),
+    (["+peft=qlora", "model.pretrained=/m", "+zero=2", "peft.lora.use_dora=true"], "+zero=0"),
     (["+peft=prefix", "trainer.gradient_checkpointing=true"], "trainer.gradient_checkpointing"),
     (["+peft=prompt", "+data=alpaca", "data.train_files=[/d.json]"], "data.packing=false"),
     (["+peft=prefix", "+data=alpaca", "data.train_files=[/d.json]"], "data.packing=false"),
@@ -64,7 +65,7 @@ def test_impossible_peft_settings_are_refused_in_one_line_naming_the_key(overrid
 
 
 def test_what_works_is_not_refused():
-    for overrides in (["+peft=qlora", "model.pretrained=/m"], ["+peft=prompt", "+zero=3"],
+    for overrides in (["+peft=qlora", "model.pretrained=/m", "+zero=2"], ["+peft=prompt", "+zero=3"],
                       ["+peft=prefix", "+data=alpaca", "data.train_files=[/d.json]", "data.packing=false"],
                       ["+peft=lora", "peft.lora.init=olora", "+zero=2", "peft.lora.loraplus_lr_ratio=16"]):
         validate(compose(overrides))
@@ -164,12 +165,14 @@ def _short(*peft: str):
 
 
 RUNS = {
-    "qlora-zero0": lambda pretrained: qlora_scenario(pretrained).overrides(),
+    "qlora-dora-zero0": lambda pretrained: qlora_scenario(pretrained).overrides(),
     "rslora-pissa-zero2": lambda pretrained: rslora_pissa_scenario().overrides(),
     "freeze-zero3": lambda pretrained: freeze_scenario().overrides(),
     "prompt-zero3": lambda pretrained: _short(f"model.pretrained={pretrained}", "+peft=prompt", "+zero=3",
                                               "trainer.gradient_checkpointing=true"),
     "prefix-zero2": lambda pretrained: _short(f"model.pretrained={pretrained}", "+peft=prefix", "+zero=2"),
+    "qlora-zero2": lambda pretrained: _short(f"model.pretrained={pretrained}", "+peft=qlora", "+zero=2",
+                                             "trainer.gradient_checkpointing=true"),
     "ia3-zero3": lambda pretrained: _short(f"model.pretrained={pretrained}", "+peft=ia3", "+zero=3",
                                            "trainer.gradient_checkpointing=true"),
 }

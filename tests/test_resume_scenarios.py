@@ -326,8 +326,8 @@ def freeze_scenario() -> Scenario:
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.parametrize("name", ["qlora-zero0", "rslora-pissa-zero2", "freeze-zero3"])
+@pytest.mark.parametrize("name", ["qlora-dora-zero0", "rslora-pissa-zero2", "freeze-zero3"])
 def test_an_interrupted_peft_run_resumes_exactly(tmp_path, shared_run, tiny_pretrained_dir, name):
-    scenario = {"qlora-zero0": lambda: qlora_scenario(tiny_pretrained_dir), "rslora-pissa-zero2": rslora_pissa_scenario,
-                "freeze-zero3": freeze_scenario}[name]()
+    scenario = {"qlora-dora-zero0": lambda: qlora_scenario(tiny_pretrained_dir),
+                "rslora-pissa-zero2": rslora_pissa_scenario, "freeze-zero3": freeze_scenario}[name]()
     check_scenario(tmp_path, scenario, shared_run(*scenario.overrides()))
