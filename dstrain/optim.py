@@ -30,11 +30,11 @@ def optimizer_groups(model: torch.nn.Module, cfg: TrainConfig):
     its ratio through warmup and decay; the group logged as the LR stays the first, at optim.lr."""
     groups = weight_decay_groups(model, cfg.optim.weight_decay)
     ratio = cfg.peft.lora.loraplus_lr_ratio
-    if ratio == 1:
-        return groups
     b_matrices = [
         parameter for name, parameter in model.named_parameters() if ".lora_B." in name and parameter.requires_grad
     ]
+    if ratio == 1 or not b_matrices:  # off, or a method without LoRA matrices
+        return groups
     moved = {id(parameter) for parameter in b_matrices}
     for group in groups:
         group["params"] = [parameter for parameter in group["params"] if id(parameter) not in moved]
