@@ -76,7 +76,7 @@ class PeftLibraryMethod(FullFineTuning):
     """A method of the peft library: its config from ours, then get_peft_model."""
 
     has_adapter = True
-    # The config key whose settings build the peft config, named in errors.
+    # The config key named when peft refuses the settings (mostly: target modules the model does not have).
     settings_key = ""
 
     def peft_config(self, cfg: TrainConfig):
@@ -98,7 +98,7 @@ class Lora(PeftLibraryMethod):
     base weights stay frozen (pissa and olora move part of them into the adapters first)."""
 
     can_merge = True
-    settings_key = "peft.lora"
+    settings_key = "peft.lora.target_modules"
 
     def peft_config(self, cfg: TrainConfig):
         from peft import LoraConfig
@@ -162,7 +162,7 @@ class Ia3(PeftLibraryMethod):
     """Learned scaling vectors on the activations of peft.ia3.target_modules."""
 
     can_merge = True
-    settings_key = "peft.ia3"
+    settings_key = "peft.ia3.target_modules"
 
     def peft_config(self, cfg: TrainConfig):
         from peft import IA3Config
