@@ -171,13 +171,14 @@ def dequantized_base(cfg: TrainConfig) -> torch.nn.Module:
 
 def with_dequantized_base(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A qlora checkpoint holds its frozen base as packed 4-bit bytes with their quantisation states; the
-    rebuilt model holds the same weights dequantised. Keep the checkpoint's other tensors (the adapter first)."""
+    rebuilt model holds the same weights dequantised. Keep the checkpoint's other tensors (the adapter first);
+    load_strictly reports any that do not fit."""
     expected = model.state_dict()
     kept = {}
     for name, tensor in state_dict.items():
         if is_quantization_state(name):
             continue
-        packed = tensor.dtype == torch.uint8 and expected[name].shape != tensor.shape
+        packed = tensor.dtype == torch.uint8 and name in expected and expected[name].shape != tensor.shape
         kept[name] = expected[name] if packed else tensor
     return kept
 
