@@ -121,6 +121,22 @@ def test_prompt_tuning_gives_logits_for_the_real_tokens_only():
     assert model(input_ids=ids).logits.shape == (2, 16, 258)
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_tokens_work_with_padded_rows(method):
+    """Unpacked instruction rows are padded, with an attention_mask: a padded row's real tokens get the logits
+    they get alone (the virtual tokens are attended to, the padding is not)."""
+    _, model = _built([f"+peft={method}", f"peft.{method}.num_virtual_tokens=4"])
+    model.eval()
+    ids = torch.randint(1, 258, (1, 10))
+    padded = torch.cat([ids, torch.zeros((1, 6), dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones((1, 10), dtype=torch.long), torch.zeros((1, 6), dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        together = model(input_ids=padded, attention_mask=mask).logits
+    assert together.shape == (1, 16, 258)
+    torch.testing.assert_close(together[:, :10], alone, atol=1e-5, rtol=0)
+
+
 def test_a_4bit_base_counts_its_weights_at_their_real_size(tiny_pretrained_dir):
     from dstrain.model import parameter_counts
 
