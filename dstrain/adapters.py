@@ -49,12 +49,18 @@ class Freeze(FullFineTuning):
 def trained_module_names(model: torch.nn.Module, cfg: TrainConfig) -> List[str]:
     """The modules peft.freeze chooses to train, by name."""
     settings = cfg.peft.freeze
-    blocks = model.model.layers
+    by_module = {module: name for name, module in model.named_modules()}
+    blocks = list(getattr(model.base_model, "layers", None) or [])
+    if settings.last_blocks and not blocks:
+        raise ConfigError(
+            "peft.freeze.last_blocks needs the model's blocks as base_model.layers (Llama, Mistral, Qwen, ...); "
+            "this model has none. Set peft.freeze.last_blocks=0 and name what trains in peft.freeze.modules."
+        )
     if settings.last_blocks > len(blocks):
         raise ConfigError(
             f"peft.freeze.last_blocks={settings.last_blocks} exceeds the model's {len(blocks)} blocks"
         )
-    chosen = [f"model.layers.{index}" for index in range(len(blocks) - settings.last_blocks, len(blocks))]
+    chosen = [by_module[block] for block in blocks[len(blocks) - settings.last_blocks:]]
     names = [name for name, _ in model.named_modules()]
     for pattern in settings.modules:
         matching = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
@@ -64,7 +70,6 @@ def trained_module_names(model: torch.nn.Module, cfg: TrainConfig) -> List[str]:
                 f"'model.layers.0.mlp' or 'lm_head')"
             )
         chosen += matching
-    by_module = {module: name for name, module in model.named_modules()}
     if settings.train_embeddings:
         chosen.append(by_module[model.get_input_embeddings()])
     if settings.train_head:
