@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dstrain import config, data_config, peft_config
+from dstrain import config, data_config, eval_config, peft_config
 from dstrain.checks import allowed_values
 from dstrain.compose import CONF_DIR, CONFIG_GROUPS
 from dstrain.config import TrainConfig
@@ -20,7 +20,7 @@ SELECTORS = {"model": "name", "zero": "stage", "precision": "dtype", "peft": "me
 
 def _dataclass_fields_and_comments():
     """(class name, field name, the comment block above it, the comment blocks above the fields before it)."""
-    for module in (config, data_config, peft_config):
+    for module in (config, data_config, eval_config, peft_config):
         yield from _fields_and_comments_in(Path(module.__file__).read_text())
 
 
