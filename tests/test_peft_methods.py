@@ -15,11 +15,20 @@ What is covered, and why this way (the suite's time is tight):
   The others: prompt tuning under ZeRO-3 with checkpointing, prefix tuning under ZeRO-2, IA3 under ZeRO-3,
   and plain qlora under ZeRO-2 (a stage whose checkpoints must find the 4-bit weights).
   Full fine-tuning and plain LoRA are trained throughout the rest of the suite.
+- Every stage, slow but cheap: tests/probes/engine_probe.py builds each method's engine under ZeRO 0, 2 and 3
+  (every parameter partitioned) on one rank, one process per stage, and takes two steps: every parameter that
+  requires grad changed, none of the others did, and the loss is finite (qlora under 0 and 2 only; ZeRO-1
+  shares ZeRO-2's code path).
 - Export, per run: the adapter loads with PeftModel.from_pretrained and gives the trained model's logits, the
   merged model too where the method merges, and what trained changed while what was frozen did not.
 """
 
+import json
+import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +298,61 @@ def _overrides_of(cfg):
 
 def _value(value):
     return "[" + ",".join(value) + "]" if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------------- every ZeRO stage
+
+PROBE = Path(__file__).resolve().parent / "probes" / "engine_probe.py"
+STAGES = {"0": ("+zero=0",), "2": ("+zero=2",), "3": ("+zero=3", "zero.stage3_param_persistence_threshold=0")}
+MATRIX = {
+    "freeze": ("+peft=freeze", "peft.freeze.train_head=true"),
+    "lora_dora_checkpointing": ("+peft=lora", "peft.lora.use_dora=true", "trainer.gradient_checkpointing=true"),
+    "lora_rslora_gaussian_loraplus": ("+peft=lora", "peft.lora.use_rslora=true", "peft.lora.init=gaussian",
+                                      "peft.lora.loraplus_lr_ratio=16"),
+    "ia3_checkpointing": ("+peft=ia3", "trainer.gradient_checkpointing=true"),
+    "prompt_checkpointing": ("+peft=prompt", "trainer.gradient_checkpointing=true"),
+    "prefix": ("+peft=prefix",),
+    "qlora": ("+peft=qlora",),
+}
+
+
+@pytest.fixture(scope="module")
+def trained_under(tmp_path_factory, tiny_pretrained_dir):
+    """trained_under(stage): each method's observations after two steps on one rank under that ZeRO stage."""
+    from test_engine_claims import _env
+
+    stages = {}
+
+    def get(stage: str) -> dict:
+        if stage not in stages:
+            argv = []
+            for name, overrides in MATRIX.items():
+                if name == "qlora" and stage == "3":
+                    continue  # refused (test_impossible_peft_settings_are_refused_in_one_line_naming_the_key)
+                argv += ["--case", name, "trains", "trainer.eval_every=0", "trainer.micro_batch_size=2",
+                         "data.seq_len=64", "optim.lr=1e-2", f"model.pretrained={tiny_pretrained_dir}",
+                         *STAGES[stage], *overrides]
+            root = tmp_path_factory.mktemp(f"peft_zero{stage}")
+            completed = subprocess.run([sys.executable, str(PROBE), str(root), *argv], cwd=root, env=_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+            if completed.returncode != 0:
+                pytest.fail(f"probe under ZeRO-{stage} failed ({completed.returncode}):\n{completed.stdout[-6000:]}")
+            stages[stage] = json.loads(completed.stdout.strip().splitlines()[-1])
+        return stages[stage]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_method_trains_what_it_should_under_each_zero_stage(trained_under, stage):
+    observed = trained_under(stage)
+    expected = [name for name in MATRIX if not (name == "qlora" and stage == "3")]
+    assert sorted(observed) == sorted(expected)
+    for name, case in observed.items():
+        trains = case["trains"]
+        assert all(math.isfinite(loss) for loss in trains["losses"]), (name, trains["losses"])
+        assert trains["trainable"], name
+        assert trains["trainable_unchanged"] == [], (name, trains["trainable_unchanged"][:5])
+        assert trains["frozen_changed"] == [], (name, trains["frozen_changed"][:5])
+        assert 0 < trains["counts"]["trainable"] < trains["counts"]["total"], (name, trains["counts"])

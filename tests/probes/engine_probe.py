@@ -11,6 +11,8 @@ checks, run in this order when asked for:
 - `step`: one `train_step` with hooks on each decoder layer and on its attention and MLP (calls in the forward
   and in the backward pass, the dtypes of the parameters the forward uses and of the outputs) and a wrapper around the inner torch
   optimizer's `step` (the global norm of the gradients it applies, which parameters got one).
+- `trains`: two `train_step`s (LoRA's A matrices move only once its B matrices have): which parameters
+  changed, among those that require grad and those that do not, and the trainer's parameter counts.
 - `engine`: what the engine is made of: the optimizers' classes, the module's parameter dtypes, the fp32
   master copies and the optimizer states (dtype, device, which tensors they belong to), the offload flags.
 
@@ -217,6 +219,30 @@ def observe_step(training) -> dict:
     }
 
 
+def observe_training(training) -> dict:
+    from dstrain.model import parameter_counts
+
+    engine = training.engine
+    trainable = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    before = snapshot(engine.module.named_parameters())
+    engine.train()
+    losses = []
+    for step in range(2):
+        samples = step * training.plan.global_batch
+        batches = [training.plan.micro_batch(samples, micro) for micro in range(training.plan.accumulation_steps)]
+        losses.append(train_step(training, batches, False).loss)
+    after = snapshot(engine.module.named_parameters())
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    total, trainable_count = parameter_counts(engine.module)
+    return {
+        "losses": losses,
+        "trainable": sorted(trainable),
+        "trainable_unchanged": sorted(trainable - changed),
+        "frozen_changed": sorted(changed - trainable),
+        "counts": {"total": total, "trainable": trainable_count},
+    }
+
+
 def describe(tensors) -> list:
     return [{"dtype": dtype_name(t), "device": str(t.device), "numel": t.numel()} for t in tensors]
 
@@ -275,7 +301,8 @@ def probe(root: Path, checks, overrides) -> dict:
     training = setup(cfg, root / "probe", rank, world_size)
     observations = {"overrides": list(overrides)}
     for check in checks:
-        observations[check] = {"decay": observe_decay, "step": observe_step, "engine": observe_engine}[check](training)
+        observations[check] = {"decay": observe_decay, "step": observe_step, "trains": observe_training,
+                               "engine": observe_engine}[check](training)
     training.metrics.close()
     training.engine.destroy()
     observations["seconds"] = time.perf_counter() - started
