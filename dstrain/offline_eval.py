@@ -51,6 +51,9 @@ def evaluate_model(path: Path, split: str = "test", files: Optional[List[str]] =
         raise ConfigError(f"--split {split!r} is not one of {list(SPLITS)}")
     if harness_tasks and harness_tasks_dir is None:
         raise ConfigError("--harness needs --harness-tasks-dir DIR, the local task YAML files (it runs offline)")
+    from dstrain.trainer import silence_library_notices
+
+    silence_library_notices()
     target = load_model_to_evaluate(Path(path), data_format)
     # As in training: with the KV cache on, transformers does not detect packed rows from their position ids,
     # and attention would cross samples. Generation turns the cache on for itself.

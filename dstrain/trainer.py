@@ -361,8 +361,17 @@ def setup_logging(rank: int, run_dir: Path) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "datasets", "transformers", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
     datasets.disable_progress_bars()
-    # DeepSpeed still calls the old names of these collectives; the warning is not the user's to act on.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    silence_library_notices()
     if rank != 0:
         transformers.logging.set_verbosity_error()
+
+
+def silence_library_notices() -> None:
+    """Warnings from the libraries about their own internals, which the user cannot act on."""
+    # DeepSpeed still calls the old names of these collectives.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # peft's prefix tuning hands its virtual keys and values to transformers under their old name.
+    warnings.filterwarnings("ignore", message=r".*`past_key_values`.*(deprecated|are set)", category=FutureWarning)
+    # bitsandbytes looks for an optional faster CPU 4-bit kernel on the Hub and says so when it is not there.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
