@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,19 +144,25 @@ def copy_run(run_dir: Path, tmp_path: Path, name: str) -> Path:
 
 
 SHARED_MEMORY = Path("/dev/shm")
+# A buffer younger than this may belong to a rank that is still writing it, before it maps it.
+SHARED_MEMORY_SETTLE_S = 30
 
 
 @pytest.fixture(autouse=True)
 def remove_deepspeed_shared_memory():
     """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm buffer per rank per run; dozens of runs would
-    fill the machine's memory. Only buffers no live process maps are removed: a rank of another run (another
-    test session on this machine) that is still starting would otherwise wait forever for a peer's buffer."""
-    before = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"))
+    fill the machine's memory. Only buffers no live process maps, and not just written, are removed: a rank of
+    another run (another test session on this machine) that is still starting would otherwise wait forever for
+    a peer's buffer, and a rank maps its own only after writing it (tens of milliseconds for 66 MB)."""
     yield
-    leftovers = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*")) - before
+    leftovers = set(SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"))
     if leftovers:
         for leftover in leftovers - _mapped_shared_memory():
-            leftover.unlink(missing_ok=True)
+            try:
+                if time.time() - leftover.stat().st_mtime > SHARED_MEMORY_SETTLE_S:
+                    leftover.unlink()
+            except FileNotFoundError:
+                pass
 
 
 def _mapped_shared_memory() -> set:

@@ -38,6 +38,8 @@ def _wait_for(path, process, timeout=300):
         if process.poll() is not None:
             pytest.fail(f"the run ended before {path} appeared:\n{process.stdout.read()[-4000:]}")
         if time.time() > deadline:
+            # A run that hangs would otherwise outlive the test and take a core from every test after it.
+            os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(f"{path} never appeared")
         time.sleep(0.005)
 
