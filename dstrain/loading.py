@@ -15,7 +15,7 @@ import warnings
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -25,7 +25,7 @@ from dstrain.adapters import is_quantization_state, peft_method
 from dstrain.checkpoint import BEST, MANIFEST, follow_pointer, problem_with, read_manifest
 from dstrain.config import TrainConfig, unflatten
 from dstrain.data import build_tokenizer
-from dstrain.errors import CheckpointError
+from dstrain.errors import CheckpointError, ConfigError
 
 ZERO0_MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -58,6 +58,40 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
         state_dict = with_dequantized_base(state_dict, model)
     load_strictly(model, state_dict, checkpoint)
     return TrainedModel(model, tokenizer, cfg, manifest)
+
+
+def locate_model(path: Path) -> Tuple[Path, bool]:
+    """The model directory that `path` names (checkpoints/best and latest followed), and whether it is a dstrain
+    checkpoint (else an exported Hugging Face directory: a full model or an adapter). A ConfigError otherwise."""
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist. Give a checkpoint (checkpoints/step_*, best or latest) or an "
+                          f"exported model directory.")
+    resolved = follow_pointer(path).resolve()
+    if (resolved / MANIFEST).is_file():
+        return resolved, True
+    if (resolved / "config.json").is_file() or (resolved / "adapter_config.json").is_file():
+        return resolved, False
+    newest = newest_checkpoint_under(resolved)
+    hint = f" The newest checkpoint under it is {newest}." if newest is not None else ""
+    raise ConfigError(
+        f"{path} is neither a dstrain checkpoint (no {MANIFEST}) nor an exported model (no config.json or "
+        f"adapter_config.json). Give checkpoints/step_*, checkpoints/best, checkpoints/latest or a `dstrain export` "
+        f"directory.{hint}"
+    )
+
+
+def load_exported_model(directory: Path) -> Tuple[torch.nn.Module, Any]:
+    """A `dstrain export` directory (or any Hugging Face model directory) in fp32 and eval mode, with its
+    tokenizer; an adapter directory comes with the base its adapter_config.json names."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (directory / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(directory))
 
 
 def checked_manifest(checkpoint: Path) -> dict:

@@ -77,25 +77,10 @@ def evaluate_model(path: Path, split: str = "test", files: Optional[List[str]] =
 
 
 def load_model_to_evaluate(path: Path, data_format: Optional[str]) -> ModelToEvaluate:
-    from dstrain.checkpoint import MANIFEST, follow_pointer
+    from dstrain.loading import locate_model
 
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist. Give a checkpoint (checkpoints/step_*, best or latest) or an "
-                          f"exported model directory.")
-    resolved = follow_pointer(path).resolve()
-    if (resolved / MANIFEST).is_file():
-        return _checkpoint(resolved)
-    if (resolved / "config.json").is_file() or (resolved / "adapter_config.json").is_file():
-        return _exported(resolved, data_format)
-    from dstrain.loading import newest_checkpoint_under
-
-    newest = newest_checkpoint_under(resolved)
-    hint = f" The newest checkpoint under it is {newest}." if newest is not None else ""
-    raise ConfigError(
-        f"{path} is neither a dstrain checkpoint (no {MANIFEST}) nor an exported model (no config.json or "
-        f"adapter_config.json). Give checkpoints/step_*, checkpoints/best, checkpoints/latest or a `dstrain export` "
-        f"directory.{hint}"
-    )
+    location, is_checkpoint = locate_model(path)
+    return _checkpoint(location) if is_checkpoint else _exported(location, data_format)
 
 
 def _checkpoint(checkpoint: Path) -> ModelToEvaluate:
@@ -116,24 +101,17 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def _exported(directory: Path, data_format: Optional[str]) -> ModelToEvaluate:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from dstrain.compose import compose
+    from dstrain.loading import load_exported_model
 
     if data_format is None:
         raise ConfigError(f"{directory} is an exported model, which has no run config to take the data from: give "
                           f"--files F... and --data-format alpaca|sharegpt|messages.")
-    adapter = (directory / "adapter_config.json").is_file()
-    if adapter:
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    model, tokenizer = load_exported_model(directory)
     # Without a run's layout to reproduce: every row, one per micro-batch.
     cfg = compose([f"+data={data_format}", "+model=pretrained", f"model.pretrained={directory}",
                    "trainer.micro_batch_size=1", f"trainer.eval_batches={sys.maxsize}"])
-    return ModelToEvaluate(model.eval(), AutoTokenizer.from_pretrained(str(directory)), cfg, 1, None, directory)
+    return ModelToEvaluate(model, tokenizer, cfg, 1, None, directory)
 
 
 def evaluation_data(target: ModelToEvaluate, split: str, files: Optional[List[str]]):
