@@ -3,6 +3,8 @@
     dstrain prepare [OVERRIDE ...]
     dstrain export CHECKPOINT OUTPUT_DIR [--merged] [--format hf]
     dstrain eval MODEL [--split test|validation] [--files F ...] [--output JSON] [--harness TASKS]
+    dstrain generate MODEL (--prompt TEXT | --chat) [--temperature T] [--top-k K] [--top-p P] [--stop S ...] ...
+    dstrain serve MODEL [--host HOST] [--port PORT] [--queue-size N] [--request-timeout S]
     dstrain submit [--dry-run] [OVERRIDE ...]
     dstrain report RUN_DIR
 
@@ -141,6 +143,91 @@ def run_eval(args: argparse.Namespace) -> None:
     evaluate_model(args.model, args.split, args.files, args.data_format, args.output, tasks, args.harness_tasks_dir)
 
 
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="the most tokens an answer may take (default: 256, or what the context leaves); "
+                             "prompt and answer must fit the model's context")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default): greedy, the same answer every time; above 0: sampling")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (default 0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens whose probability reaches P, in (0, 1] (default 1)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="above 1, tokens already there become less likely (default 1: off)")
+    parser.add_argument("--stop", nargs="+", default=[], metavar="S",
+                        help="end the answer before the first of these strings")
+    parser.add_argument("--seed", type=int, help="makes sampling repeatable")
+
+
+def add_generate_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="answer a prompt, or chat, with a trained model, streaming to the terminal",
+        description=(
+            "Load a checkpoint (checkpoints/step_*, best or latest) or an exported directory on the CPU and stream "
+            "its answers. Prompts are rendered with the chat template the run trained with; a model without one "
+            "(trained on plain text) continues --prompt as text. Generation uses the KV cache."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="a checkpoint directory or pointer, or an exported directory")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--prompt", metavar="TEXT", help="answer this one prompt and exit")
+    mode.add_argument("--chat", action="store_true",
+                      help="a conversation: each line of stdin is a user turn, answered in turn, until end of input")
+    parser.add_argument("--system", metavar="TEXT", help="a system turn before the conversation")
+    _add_sampling_arguments(parser)
+    parser.set_defaults(handler=run_generate)
+
+
+# The flag each option (dstrain.generation.OptionError.field) is given with.
+_FLAGS = {"messages": "--chat", "chat": "--chat"}
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from dstrain.errors import ConfigError
+    from dstrain.generation import OptionError, SamplingOptions
+    from dstrain.inference import generate_in_terminal
+
+    default_length = SamplingOptions.max_new_tokens
+    options = SamplingOptions(max_new_tokens=default_length if args.max_new_tokens is None else args.max_new_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+    try:
+        generate_in_terminal(Path(args.model), options, args.prompt, args.system, args.chat,
+                             args.max_new_tokens is not None)
+    except OptionError as error:
+        flag = _FLAGS.get(error.field, "--" + error.field.replace("_", "-"))
+        raise ConfigError(f"{flag} {error.problem}") from None
+
+
+def add_serve_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP API for a trained model (FastAPI and uvicorn)",
+        description=(
+            "Serve a checkpoint or an exported directory at /v1/models, /v1/completions and /v1/chat/completions "
+            "(with server-sent-event streaming) and /health. One worker owns the model and answers requests in "
+            "turn from a bounded queue: a full queue answers 429, a request that takes longer than "
+            "--request-timeout 504."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="a checkpoint directory or pointer, or an exported directory")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000)")
+    parser.add_argument("--model-name", metavar="NAME", help="the model id that requests name (default: MODEL)")
+    parser.add_argument("--queue-size", type=int, default=64,
+                        help="requests that may wait for the model; more are answered 429 (default 64)")
+    parser.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="a request's limit, waiting included; past it the answer is 504 (default 300)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from dstrain.serve import serve
+
+    serve(Path(args.model), args.host, args.port, args.model_name or args.model, args.queue_size, args.request_timeout)
+
+
 def add_submit_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "submit",
@@ -193,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_command(subparsers)
     add_export_command(subparsers)
     add_eval_command(subparsers)
+    add_generate_command(subparsers)
+    add_serve_command(subparsers)
     add_submit_command(subparsers)
     add_report_command(subparsers)
     return parser
