@@ -13,8 +13,6 @@ from pydantic import BaseModel
 
 from dstrain.generation import Generated, OptionError, SamplingOptions
 
-# The request field that each SamplingOptions field (OptionError.field) comes from, where the names differ.
-API_FIELDS = {"max_new_tokens": "max_tokens"}
 
 
 class ApiError(Exception):
@@ -31,9 +29,11 @@ def error_body(message: str, kind: str, param: Optional[str] = None, code: Optio
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def invalid_option(error: OptionError, prompt_field: str) -> ApiError:
-    """A 400 naming the request's field: `prompt_field` is where the prompt came from (prompt or messages)."""
-    param = prompt_field if error.field in ("prompt", "messages") else API_FIELDS.get(error.field, error.field)
+def invalid_option(error: OptionError, prompt_field: str, max_tokens_field: str = "max_tokens") -> ApiError:
+    """A 400 naming the request's field: `prompt_field` is where the prompt came from (prompt or messages),
+    `max_tokens_field` the name the request gave max_new_tokens."""
+    fields = {"prompt": prompt_field, "messages": prompt_field, "max_new_tokens": max_tokens_field}
+    param = fields.get(error.field, error.field)
     return ApiError(400, f"{param} {error.problem}", param=param, code="invalid_value")
 
 
@@ -58,6 +58,9 @@ class SamplingRequest(BaseModel):
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
 
+    def max_tokens_field(self) -> str:
+        return "max_tokens"
+
     def sampling_options(self, default_max_tokens: int) -> SamplingOptions:
         """The options asked for, checked; max_new_tokens is still to be capped by the context."""
         if self.n != 1:
@@ -71,7 +74,7 @@ class SamplingRequest(BaseModel):
         try:
             options.check()
         except OptionError as error:
-            raise invalid_option(error, "prompt") from None
+            raise invalid_option(error, "prompt", self.max_tokens_field()) from None
         return options
 
 
@@ -109,6 +112,9 @@ class ChatRequest(SamplingRequest):
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def turns(self) -> List[dict]:
         if not self.messages:
