@@ -89,6 +89,8 @@ def generate_in_terminal(path: Path, options: SamplingOptions, prompt: Optional[
     if not chat and not (prompt or "").strip():
         raise OptionError("prompt", "is empty: give some text")
     target = load_model_to_use(path)
+    if system and not target.has_chat_template:
+        raise OptionError("system", "needs a chat template, and this model has none (it trained on plain text)")
     if not chat:
         messages = _with_system(system) + [{"role": "user", "content": prompt}]
         ids = target.chat_prompt_ids(messages) if target.has_chat_template else target.text_prompt_ids(prompt)
@@ -105,7 +107,7 @@ def generate_in_terminal(path: Path, options: SamplingOptions, prompt: Optional[
             return
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})
         answer = _answer(target, target.chat_prompt_ids(messages), options, max_new_tokens_given, output)
         messages.append({"role": "assistant", "content": answer.text})
 

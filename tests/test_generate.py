@@ -76,6 +76,7 @@ def test_chat_answers_each_line_with_the_conversation_so_far(smollm2_model_dir):
      "--max-new-tokens is 600, but the prompt has 2 tokens and the model's context is 512: give at most 510"),
     (["--prompt", "x" * 600], "--prompt has 600 tokens, which leaves no room for an answer in the model's context"),
     (["--chat"], "--chat needs a chat template, and this model has none"),
+    (["--prompt", "hi", "--system", "Be brief."], "--system needs a chat template, and this model has none"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tiny_pretrained_dir, args, line):
     completed = dstrain_generate(tiny_pretrained_dir, *args)

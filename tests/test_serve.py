@@ -218,7 +218,6 @@ def test_a_full_queue_is_a_429_a_late_answer_a_504_and_neither_stops_the_server(
         server.close()
 
 
-@pytest.mark.slow
 def test_32_concurrent_requests_are_all_answered_correctly(tiny_server, tiny, capsys):
     questions = ["the cat", "a dog sees", "my sister likes", "two blue boxes"]
     expected = {question: greedy(tiny, chat_ids(tiny, question), 16)[0] for question in questions}
