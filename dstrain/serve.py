@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator, List, Union
+from typing import AsyncIterator, List, Optional, Union
 
 from dstrain.errors import ConfigError
 from dstrain.generation import Generated, OptionError, SamplingOptions
@@ -49,7 +49,11 @@ class GenerationWorker:
         self.target = target
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=queue_size)
         self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstrain-generate")
-        self.generating = False
+        self.current: Optional[Job] = None
+
+    @property
+    def generating(self) -> bool:
+        return self.current is not None
 
     def submit(self, job: Job) -> None:
         try:
@@ -64,11 +68,17 @@ class GenerationWorker:
             job = await self.queue.get()
             if job.cancelled.is_set():
                 continue
-            self.generating = True
+            self.current = job
             try:
                 await loop.run_in_executor(self.thread, self._generate, job, loop)
             finally:
-                self.generating = False
+                self.current = None
+
+    def stop(self) -> None:
+        """At shutdown: the answer being generated ends at its next token, and the thread with it."""
+        if self.current is not None:
+            self.current.cancelled.set()
+        self.thread.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         def send(event) -> None:
@@ -100,7 +110,7 @@ def create_app(target: ModelToUse, model_name: str, queue_size: int = 64, reques
         running = asyncio.create_task(worker.run())
         yield
         running.cancel()
-        worker.thread.shutdown(wait=False, cancel_futures=True)
+        worker.stop()
 
     app = FastAPI(title="dstrain serve", lifespan=lifespan)
 
