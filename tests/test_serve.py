@@ -214,8 +214,34 @@ def test_a_full_queue_is_a_429_a_late_answer_a_504_and_neither_stops_the_server(
         _wait_until(server, lambda health: not health["generating"] and health["waiting"] == 0, timeout=30)
         after = _post(server, "/v1/completions", {**endless, "max_tokens": 2})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
+
+        # A stream past its deadline ends with an error event; one whose client goes away stops generating.
+        events = _events(server, {**endless, "stream": True})
+        assert events[-2]["error"]["code"] == "request_timeout" and events[-1] == "[DONE]"
+        with httpx.stream("POST", f"{server.url}/v1/completions", json={**endless, "stream": True}) as response:
+            next(response.iter_lines())
+        _wait_until(server, lambda health: not health["generating"], timeout=3)
     finally:
         server.close()
+
+
+def _events(server, body: dict) -> list:
+    """A streamed answer's server-sent events, each `data: ...` line's JSON (or the final [DONE])."""
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines]
+
+
+def test_a_stream_is_server_sent_events_ending_with_done(tiny_server, tiny):
+    events = _events(tiny_server, {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    assert "".join(event["choices"][0]["text"] for event in events[:-2]) == \
+        greedy(tiny, tiny.text_prompt_ids("the cat"), 4)[0]
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"]["completion_tokens"] == 4 and events[-2]["choices"] == []
 
 
 def test_32_concurrent_requests_are_all_answered_correctly(tiny_server, tiny, capsys):
