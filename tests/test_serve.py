@@ -187,6 +187,32 @@ def test_max_tokens_is_capped_by_the_context(tiny_server, tiny):
     assert answer["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_request_whose_generation_fails_is_answered_alone(tiny):
+    from dstrain.inference import ModelToUse
+
+    class FailsOnSeed13(ModelToUse):
+        """A model whose generation raises for one request (seed 13): a stand-in for any failure inside it."""
+
+        def generate(self, prompt_ids, options, **kwargs):
+            if options.seed == 13:
+                raise RuntimeError("out of memory")
+            return super().generate(prompt_ids, options, **kwargs)
+
+    server = RunningServer(create_app(FailsOnSeed13(tiny.model, tiny.tokenizer, tiny.context_length,
+                                                    tiny.stop_token_ids), TINY))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda seed: _post(server, "/v1/completions", {**COMPLETION, "seed": seed}),
+                                    [1, 13, 2, 3]))
+        assert [answer.status_code for answer in answers] == [200, 500, 200, 200]
+        assert answers[1].json()["error"] == {"message": "generation failed: out of memory", "type": "server_error",
+                                              "param": None, "code": None}
+        assert _events(server, {**COMPLETION, "seed": 13, "stream": True})[-2]["error"]["type"] == "server_error"
+        assert _post(server, "/v1/completions", COMPLETION).status_code == 200
+    finally:
+        server.close()
+
+
 def _wait_until(server, condition, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while not condition(httpx.get(f"{server.url}/health").json()):
