@@ -52,6 +52,10 @@ class SamplingRequest(BaseModel):
     stop: Union[str, List[str], None] = None
     seed: Optional[int] = None
     n: int = 1
+    # OpenAI options this server does not implement: refused when set, rather than silently ignored.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: Union[bool, int, None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -66,6 +70,11 @@ class SamplingRequest(BaseModel):
         if self.n != 1:
             raise ApiError(400, f"n is {self.n}: this server answers with one choice, n=1", param="n",
                            code="invalid_value")
+        for name, alternative in (("frequency_penalty", "use repetition_penalty"),
+                                  ("presence_penalty", "use repetition_penalty"), ("logprobs", "leave it out")):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported by this server: {alternative}", param=name,
+                               code="unsupported_parameter")
         requested = self.requested_max_tokens()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         options = SamplingOptions(max_new_tokens=default_max_tokens if requested is None else requested,
