@@ -97,7 +97,13 @@ def add_export_command(subparsers) -> None:
     )
     parser.add_argument(
         "--format", default="hf", dest="output_format", metavar="FORMAT",
-        help="hf (default): Hugging Face safetensors weights, config and tokenizer",
+        help="hf (default): Hugging Face safetensors weights, config and tokenizer; onnx: model.onnx with dynamic "
+             "batch and sequence, for ONNX Runtime; gguf: one .gguf file with the tokenizer and chat template, for "
+             "llama.cpp, LM Studio and Ollama. onnx and gguf hold the whole model: an adapter is merged in",
+    )
+    parser.add_argument(
+        "--quantize", default=None, metavar="TYPE",
+        help="onnx: int8 (onnxruntime dynamic quantisation; default: fp32); gguf: f32, f16 or q8_0 (default f16)",
     )
     parser.set_defaults(handler=run_export)
 
@@ -105,7 +111,8 @@ def add_export_command(subparsers) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from dstrain.export import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, args.output, merged=args.merged, output_format=args.output_format)
+    result = export_checkpoint(args.checkpoint, args.output, merged=args.merged, output_format=args.output_format,
+                               quantize=args.quantize)
     kind = "adapter" if result.adapter else "model"
     print(f"exported the {kind} of step {result.step} (ZeRO-{result.zero_stage}, trained in {result.dtype}) as fp32:")
     for directory in result.directories:

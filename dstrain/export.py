@@ -7,8 +7,13 @@ to fp32). Each output format (EXPORT_FORMATS, `--format`) is a component that wr
     hf, adapter      OUTPUT/adapter_model.safetensors, adapter_config.json (base: model.pretrained), the
                      tokenizer; with merged=True also OUTPUT/merged/, the full model with the adapter merged in
                      (methods that can merge: lora and its variants, qlora into the dequantised base, ia3)
+    onnx             OUTPUT/model.onnx with dynamic batch and sequence, config.json and the tokenizer
+                     (dstrain.export_onnx); --quantize int8: onnxruntime's dynamic INT8 quantisation
+    gguf             OUTPUT/model.<quantize>.gguf (f32, f16 or q8_0) with the tokenizer and chat template
+                     embedded, for llama.cpp, LM Studio and Ollama (dstrain.export_gguf)
 
-peft.method=freeze and none train the model itself, so their export is the full model.
+peft.method=freeze and none train the model itself, so their export is the full model. ONNX and GGUF hold a
+whole model, so an adapter is always merged into its base for them (TrainedModel.whole_model).
 
 Everything is written into a staging directory next to OUTPUT and renamed into place at the end, so an
 export that fails halfway leaves no directory that looks finished.
@@ -19,13 +24,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from dstrain.adapters import peft_method
 from dstrain.checkpoint import follow_pointer
 from dstrain.errors import ConfigError
+from dstrain.export_gguf import GgufFormat
+from dstrain.export_onnx import OnnxFormat
 from dstrain.loading import TrainedModel, checked_manifest, load_trained_model, train_config_from_manifest
 from dstrain.registry import Registry
 
@@ -47,7 +54,12 @@ class Exported:
 class HuggingFaceFormat:
     """safetensors weights, config and tokenizer: what from_pretrained (and PeftModel.from_pretrained) load."""
 
-    def write(self, trained: TrainedModel, staging: Path, merged: bool) -> None:
+    # --quantize values the format takes, the first being the default (None: the option is refused).
+    quantize_choices: Tuple[Optional[str], ...] = (None,)
+    # Whether the format holds an adapter apart from its base (else the adapter is merged in: TrainedModel.whole_model).
+    holds_adapter = True
+
+    def write(self, trained: TrainedModel, staging: Path, merged: bool, quantize: Optional[str]) -> None:
         cfg, tokenizer = trained.cfg, trained.tokenizer
         if not peft_method(cfg).has_adapter:
             save_full_model(trained.model, tokenizer, staging)
@@ -60,12 +72,24 @@ class HuggingFaceFormat:
 
 EXPORT_FORMATS: Registry = Registry("--format")
 EXPORT_FORMATS.register("hf")(HuggingFaceFormat())
+EXPORT_FORMATS.register("onnx")(OnnxFormat())
+EXPORT_FORMATS.register("gguf")(GgufFormat())
 
 
-def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, output_format: str = "hf") -> Exported:
+def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, output_format: str = "hf",
+                      quantize: Optional[str] = None) -> Exported:
     checkpoint, output = follow_pointer(Path(checkpoint)).resolve(), Path(output).resolve()
     writer = EXPORT_FORMATS[output_format]
+    quantize = checked_quantize(writer, output_format, quantize)
     cfg = train_config_from_manifest(checked_manifest(checkpoint))
+    if not writer.holds_adapter and peft_method(cfg).has_adapter:
+        if not peft_method(cfg).can_merge:
+            raise ConfigError(
+                f"--format {output_format} holds a whole model, and peft.method={cfg.peft.method} adds virtual "
+                f"tokens, which cannot be merged into the model's weights. Export with --format hf (the adapter, "
+                f"for PeftModel.from_pretrained)."
+            )
+        merged = True
     check_exportable(cfg, checkpoint, merged)
     adapter = peft_method(cfg).has_adapter
     check_output_dir(output)
@@ -73,14 +97,25 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, outp
 
     staging = staging_dir_for(output)
     try:
-        writer.write(trained, staging, merged)
+        writer.write(trained, staging, merged, quantize)
         move_into_place(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    written = [output, output / MERGED_SUBDIR] if merged else [output]
+    written = [output, output / MERGED_SUBDIR] if merged and writer.holds_adapter else [output]
     manifest = trained.manifest
     return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, adapter, written)
+
+
+def checked_quantize(writer, output_format: str, quantize: Optional[str]) -> Optional[str]:
+    choices = writer.quantize_choices
+    if quantize is None:
+        return choices[0]
+    if quantize not in choices:
+        allowed = [choice for choice in choices if choice is not None]
+        fix = f"use one of {allowed}" if allowed else "leave it out"
+        raise ConfigError(f"--quantize {quantize} is not available for --format {output_format}: {fix}.")
+    return quantize
 
 
 def check_exportable(cfg, checkpoint: Path, merged: bool) -> None:

@@ -41,6 +41,12 @@ class TrainedModel:
     cfg: TrainConfig
     manifest: Dict[str, Any]
 
+    def whole_model(self) -> torch.nn.Module:
+        """The model itself, or its base with the adapter merged in (methods that can merge)."""
+        if peft_method(self.cfg).has_adapter:
+            return self.model.merge_and_unload()
+        return self.model
+
 
 def load_trained_model(checkpoint: Path) -> TrainedModel:
     """checkpoint: a step_* directory, or checkpoints/best or checkpoints/latest, which name one."""
