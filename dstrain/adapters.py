@@ -21,6 +21,8 @@ class FullFineTuning:
     can_merge = False
     # Whether the base model is built 4-bit quantised (from model.pretrained, through bitsandbytes).
     quantized_base = False
+    # Whether some of the model's own weights stay frozen (every method with an adapter freezes its base).
+    freezes_weights = False
 
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         return model
@@ -29,6 +31,8 @@ class FullFineTuning:
 class Freeze(FullFineTuning):
     """Only the chosen parts train (the last blocks, named modules, embeddings, head), by requires_grad alone:
     the model keeps its structure, so the export is the whole model as with full fine-tuning."""
+
+    freezes_weights = True
 
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         chosen = trained_module_names(model, cfg)
@@ -81,6 +85,7 @@ class PeftLibraryMethod(FullFineTuning):
     """A method of the peft library: its config from ours, then get_peft_model."""
 
     has_adapter = True
+    freezes_weights = True
     # The config key named when peft refuses the settings (mostly: target modules the model does not have).
     settings_key = ""
 

@@ -49,7 +49,14 @@ class TrainedModel:
 
 
 def load_trained_model(checkpoint: Path) -> TrainedModel:
-    """checkpoint: a step_* directory, or checkpoints/best or checkpoints/latest, which name one."""
+    """checkpoint: a step_* directory, or checkpoints/best or checkpoints/latest, which name one.
+
+    The weights that training changed come from the checkpoint. The ones it kept frozen (a PEFT method's base,
+    freeze's frozen blocks) come from the model as training built it before its first step, in fp32:
+    model.pretrained as stored, or the preset's weights from the seed. The checkpoint holds them too, but only
+    rounded to the training precision, and an adapter merged into bf16-rounded base weights is not the adapter
+    merged into the base it will be used with. They are checked against the checkpoint's copy, so a
+    model.pretrained that changed since training is refused rather than silently used."""
     checkpoint = follow_pointer(Path(checkpoint)).resolve()
     manifest = checked_manifest(checkpoint)
     cfg = train_config_from_manifest(manifest)
@@ -58,11 +65,14 @@ def load_trained_model(checkpoint: Path) -> TrainedModel:
     chat_template = manifest.get("data", {}).get("chat_template")
     if chat_template:
         tokenizer.chat_template = chat_template
-    model = rebuild_model(cfg)
+    model = rebuild_model(cfg, tokenizer)
     state_dict = consolidated_state_dict(checkpoint, manifest["zero_stage"])
     if peft_method(cfg).quantized_base:
         state_dict = with_dequantized_base(state_dict, model)
-    load_strictly(model, state_dict, checkpoint)
+    check_fits(model, state_dict, checkpoint)
+    frozen = frozen_weight_names(model)
+    check_frozen_weights_unchanged(model, state_dict, frozen, cfg, checkpoint)
+    model.load_state_dict({name: tensor for name, tensor in state_dict.items() if name not in frozen}, strict=False)
     return TrainedModel(model, tokenizer, cfg, manifest)
 
 
@@ -172,22 +182,30 @@ def model_config(cfg: TrainConfig):
         ) from None
 
 
-def rebuild_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The trained module's structure on the CPU in fp32 (a PeftModel for an adapter), weights still to load.
-    A 4-bit base (qlora) comes back dequantised: model.pretrained quantised as training did, then turned into
+def rebuild_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
+    """The trained module's structure on the CPU in fp32 (a PeftModel for an adapter). Frozen weights already
+    hold their values from before training (see load_trained_model); the trained ones are still to load. A
+    4-bit base (qlora) comes back dequantised: model.pretrained quantised as training did, then turned into
     plain fp32 layers, so that its adapter merges into the weights training computed with."""
     from transformers import AutoModelForCausalLM
 
-    if peft_method(cfg).quantized_base:
-        model = dequantized_base(cfg)
-    else:
-        model = AutoModelForCausalLM.from_config(
-            model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
-        )
+    from dstrain.model import build_model
+
+    method = peft_method(cfg)
     with warnings.catch_warnings():
         # PEFT asks transformers a deprecated question while wrapping; the warning is not the user's.
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        model = peft_method(cfg).apply(model, cfg)
+        if method.quantized_base:
+            model = method.apply(dequantized_base(cfg), cfg)
+        elif method.freezes_weights:
+            model = build_model(cfg, tokenizer)
+        else:  # every weight was trained: only the structure is needed
+            model = method.apply(AutoModelForCausalLM.from_config(
+                model_config(cfg), dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+            ), cfg)
+    if cfg.trainer.gradient_checkpointing:
+        (model.get_base_model() if method.has_adapter else model).gradient_checkpointing_disable()
+    model.config.use_cache = True  # training turns the KV cache off; generation wants it
     return model.eval()
 
 
@@ -212,7 +230,7 @@ def dequantized_base(cfg: TrainConfig) -> torch.nn.Module:
 def with_dequantized_base(state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """A qlora checkpoint holds its frozen base as packed 4-bit bytes with their quantisation states; the
     rebuilt model holds the same weights dequantised. Keep the checkpoint's other tensors (the adapter first);
-    load_strictly reports any that do not fit."""
+    check_fits reports any that do not fit."""
     expected = model.state_dict()
     kept = {}
     for name, tensor in state_dict.items():
@@ -242,7 +260,8 @@ def zero0_state_dict(checkpoint: Path) -> Dict[str, torch.Tensor]:
     }
 
 
-def load_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: Path) -> None:
+def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """The checkpoint holds exactly the rebuilt model's weights, each of the same shape."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -263,4 +282,29 @@ def load_strictly(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], c
         raise CheckpointError(
             f"the weights in {checkpoint} do not fit the model rebuilt from its manifest: {'; '.join(details)}."
         )
-    model.load_state_dict(state_dict, strict=True)
+
+
+def frozen_weight_names(model: torch.nn.Module) -> set:
+    """Every name of a parameter that training did not change; a tied weight under each of its names."""
+    return {name for name, parameter in model.named_parameters(remove_duplicate=False) if not parameter.requires_grad}
+
+
+# How far a weight may move when the engine casts it to the training precision (round to nearest: half a unit in
+# the last place, relative), with a margin; fp32 weights are kept as they are.
+_ROUNDING = {"fp32": 1e-6, "bf16": 2.0 ** -7, "fp16": 2.0 ** -10}
+
+
+def check_frozen_weights_unchanged(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], frozen: set, cfg,
+                                   checkpoint: Path) -> None:
+    tolerance = _ROUNDING[cfg.precision.dtype]
+    built = model.state_dict()
+    for name in sorted(frozen):
+        original, saved = built[name].float(), state_dict[name].float()
+        allowed = tolerance * original.abs() + 1e-30
+        if bool(((saved - original).abs() > allowed).any()):
+            source = f"model.pretrained={cfg.model.pretrained}" if cfg.model.pretrained else \
+                f"the preset's weights from trainer.seed={cfg.trainer.seed}"
+            raise CheckpointError(
+                f"the frozen weight {name} in {checkpoint} is not {source} (up to the training precision, "
+                f"{cfg.precision.dtype}): the base model changed since training. Use the base the run was trained on."
+            )
