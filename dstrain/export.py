@@ -47,7 +47,11 @@ class Exported:
     step: int
     zero_stage: int
     dtype: str
-    adapter: bool
+    # What was written: "the adapter" (with --merged, the merged model too, in its own directory), "the model",
+    # or "the model with its adapter merged in".
+    contents: str
+    # The weights' type in the output: fp32, or the --quantize choice.
+    weights: str
     directories: List[Path]
 
 
@@ -103,8 +107,15 @@ def export_checkpoint(checkpoint: Path, output: Path, merged: bool = False, outp
         shutil.rmtree(staging, ignore_errors=True)
         raise
     written = [output, output / MERGED_SUBDIR] if merged and writer.holds_adapter else [output]
+    if not adapter:
+        contents = "the model"
+    elif writer.holds_adapter:
+        contents = "the adapter"
+    else:
+        contents = "the model with its adapter merged in"
     manifest = trained.manifest
-    return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, adapter, written)
+    return Exported(manifest["step"], manifest["zero_stage"], cfg.precision.dtype, contents, quantize or "fp32",
+                    written)
 
 
 def checked_quantize(writer, output_format: str, quantize: Optional[str]) -> Optional[str]:
