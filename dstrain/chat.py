@@ -339,6 +339,37 @@ def _assistant_spans(tokenizer, chat_template: str, turns: List[Turn], counted: 
     return spans
 
 
+_PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Probe answer 42."}]
+
+
+def end_of_turn_token_id(tokenizer, chat_template) -> Optional[int]:
+    """The token the template puts right after an assistant answer's content (ChatML's <|im_end|>, Llama-3's
+    <|eot_id|>, EOS for alpaca and llama-2), found as training finds answer spans: by rendering a probe
+    exchange with and without its answer. None when that end is not a single special or added token (a
+    template that spells it in ordinary text, which the model cannot stop at in one token), or when there is
+    no template or it cannot render the probe: a template that only renders its own conversations must not
+    stop plain-text generation."""
+    if isinstance(chat_template, dict):  # several named templates: "default" is the chat one
+        chat_template = chat_template.get("default")
+    if not chat_template:
+        return None
+    try:
+        prompt = _render(tokenizer, chat_template, _PROBE[:1], add_generation_prompt=True)
+        through = _render(tokenizer, chat_template, _PROBE, add_generation_prompt=False).rstrip()
+    except ConfigError:
+        return None
+    answer = _PROBE[1]["content"]
+    start = through.find(answer, len(prompt)) if through.startswith(prompt) else -1
+    if start < 0:
+        return None
+    # Whitespace before the token (llama-2's " </s>") is generated as text before the model stops.
+    ids = tokenizer(through[start + len(answer):].strip(), add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        return None
+    special_or_added = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    return ids[0] if ids[0] in special_or_added else None
+
+
 def tokenize_conversation(tokenizer, chat_template: str, turns: List[Turn], train_on_prompt: bool = False,
                           last_turn_only: bool = False) -> Tuple[List[int], List[int]]:
     """The conversation's token ids and labels aligned with them: each counted assistant turn's content and

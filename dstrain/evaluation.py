@@ -15,6 +15,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from dstrain.chat import end_of_turn_token_id
 from dstrain.config import TrainConfig
 from dstrain.data import Batch, counted_tokens, pad_id
 from dstrain.distributed import sum_over_ranks
@@ -56,11 +57,14 @@ EVALUATORS.register("perplexity")(Perplexity())
 class Generation:
     """Greedy answers to the first eval.max_prompts prompts (columns prompt_ids, reference), scored."""
 
-    def __init__(self, cfg: EvalConfig, seq_len: int, tokenizer, prompts):
+    def __init__(self, cfg: EvalConfig, seq_len: int, tokenizer, prompts, chat_template: str):
         self.cfg = cfg
         # The prompt keeps its last tokens so that prompt and answer fit the positions training used.
         self.prompt_tokens = seq_len - cfg.max_new_tokens
         self.tokenizer = tokenizer
+        # The template the prompts were rendered with, whose end of turn ends an answer. Given, not read from
+        # the tokenizer: during training the tokenizer carries its own template (or none), not data.template's.
+        self.chat_template = chat_template
         self.prompts = prompts.select(range(min(cfg.max_prompts, len(prompts))))
 
     @staticmethod
@@ -104,15 +108,19 @@ class Generation:
 
         return GenerationConfig(
             max_new_tokens=self.cfg.max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-            eos_token_id=stop_token_ids(self.tokenizer, model.config.eos_token_id), pad_token_id=pad_id(self.tokenizer),
+            eos_token_id=stop_token_ids(self.tokenizer, model.config.eos_token_id, self.chat_template),
+            pad_token_id=pad_id(self.tokenizer),
         )
 
 
-def stop_token_ids(tokenizer, model_eos) -> List[int]:
-    """Generation ends at the tokenizer's EOS or any of the model config's: chat templates end a turn with
-    their own token (ChatML's <|im_end|>, Llama-3's <|eot_id|>), which the model config names."""
-    model_eos = [] if model_eos is None else [model_eos] if isinstance(model_eos, int) else list(model_eos)
-    return sorted({tokenizer.eos_token_id, *model_eos})
+def stop_token_ids(tokenizer, model_eos, chat_template) -> List[int]:
+    """Generation ends at the chat template's end of turn (dstrain.chat.end_of_turn_token_id), the tokenizer's
+    EOS or any of the model config's. The end of turn is the one the model learnt to emit after an answer:
+    a base model fine-tuned with chatml or llama-3 has neither EOS name it, and would otherwise answer on
+    past its turn. Ids that are not there (a tokenizer without EOS) are left out."""
+    model_eos = [model_eos] if model_eos is None or isinstance(model_eos, int) else list(model_eos)
+    candidates = {end_of_turn_token_id(tokenizer, chat_template), tokenizer.eos_token_id, *model_eos}
+    return sorted(token for token in candidates if token is not None)
 
 
 def reported_metrics(cfg: TrainConfig) -> Sequence[str]:

@@ -70,7 +70,7 @@ def load_model_to_use(path: Path) -> ModelToUse:
         model, tokenizer = trained.model.eval(), trained.tokenizer
     else:
         model, tokenizer = load_exported_model(location)
-    stops = stop_token_ids(tokenizer, model.config.eos_token_id)
+    stops = stop_token_ids(tokenizer, model.config.eos_token_id, tokenizer.chat_template)
     # generate() fills every option a request leaves unset from the model's own generation config: training
     # saves use_cache=False there, and a pretrained model may bring sampling defaults. Only what the user asks
     # for should count.

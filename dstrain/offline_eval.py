@@ -64,7 +64,8 @@ def evaluate_model(path: Path, split: str = "test", files: Optional[List[str]] =
     if prompts is not None and len(prompts):
         from dstrain.evaluation import Generation
 
-        generation = Generation(target.cfg.eval, target.cfg.data.seq_len, target.tokenizer, prompts)
+        generation = Generation(target.cfg.eval, target.cfg.data.seq_len, target.tokenizer, prompts,
+                                target.tokenizer.chat_template)
         metrics.update(generation.evaluate(target.model, torch.device("cpu")))
         results["prompts"] = len(generation.prompts)
     results["metrics"] = metrics

@@ -158,7 +158,7 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         state.mlflow_run_id,
     )
     cadence = Cadence(cfg.trainer.max_steps, cfg.logger.log_every, cfg.trainer.eval_every, cfg.trainer.save_every)
-    generation = (Generation(cfg.eval, cfg.data.seq_len, tokenizer, data.prompts["validation"])
+    generation = (Generation(cfg.eval, cfg.data.seq_len, tokenizer, data.prompts["validation"], data.chat_template)
                   if cfg.eval.generate_every else None)
     return Training(
         cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence, generation,

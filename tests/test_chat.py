@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from dstrain.data_config import BUILTIN_TEMPLATE_NAMES
 from dstrain.chat import (
-    BUILTIN_TEMPLATES, RECORD_FORMATS, chat_template_for, record_format, tokenize_conversation,
+    BUILTIN_TEMPLATES, RECORD_FORMATS, chat_template_for, end_of_turn_token_id, record_format, tokenize_conversation,
 )
 from dstrain.data import IGNORE_INDEX, byte_level_tokenizer
 from dstrain.errors import ConfigError, DataError
@@ -71,6 +71,33 @@ def llama3():
 @pytest.fixture(scope="module")
 def byte_level():
     return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama3_base(llama3):
+    """The same tokenizer as a base Llama-3's: EOS is <|end_of_text|>, while its template ends turns with
+    <|eot_id|>."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(llama3.backend_tokenizer.to_str()),
+                                        bos_token="<|begin_of_text|>", chat_template=LLAMA3_TEMPLATE)
+    tokenizer.add_special_tokens({"eos_token": "<|end_of_text|>"})
+    return tokenizer
+
+
+def _byte_level_with(*specials: str):
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def byte_level_chatml():
+    """A base model's tokenizer (EOS </s>) given ChatML's tokens, as a fine-tune with data.template=chatml has."""
+    return _byte_level_with("<|im_start|>", "<|im_end|>")
+
+
+@pytest.fixture(scope="module")
+def byte_level_llama3():
+    return _byte_level_with("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 def _ending_with(end: str):
@@ -173,6 +200,43 @@ def test_builtins_render_a_generation_prompt_that_the_answer_continues(byte_leve
                                            chat_template=template, tokenize=False)
     assert whole.startswith(prompt) and whole[len(prompt):].lstrip().startswith("A")
     assert "S" in prompt and "Q" in prompt
+
+
+# (tokenizer fixture, data.template, the end-of-turn token generation must stop at, or None where the template
+# ends a turn with no single token of that tokenizer's).
+END_OF_TURN_CASES = [
+    ("llama3_base", "auto", "<|eot_id|>"),
+    ("llama3_base", "llama-3", "<|eot_id|>"),
+    ("byte_level_chatml", "chatml", "<|im_end|>"),
+    ("byte_level_llama3", "llama-3", "<|eot_id|>"),
+    ("smollm2", "auto", "<|im_end|>"),
+    ("byte_level", "alpaca", "</s>"),
+    ("byte_level", "llama-2", "</s>"),
+    # Spelt in bytes: ten tokens, none of which ends a turn on its own.
+    ("byte_level", "chatml", None),
+    ("llama3", "chatml", None),
+]
+
+
+@pytest.mark.parametrize("tokenizer_name, template_name, end", END_OF_TURN_CASES,
+                         ids=[f"{tokenizer}-{template}" for tokenizer, template, _ in END_OF_TURN_CASES])
+def test_the_end_of_turn_token_is_the_one_training_counts_after_each_answer(request, tokenizer_name,
+                                                                            template_name, end):
+    tokenizer, template, turns, (ids, labels) = _tokenized(request, tokenizer_name, template_name)
+    found = end_of_turn_token_id(tokenizer, template)
+    if end is None:
+        assert found is None
+        return
+    assert found == tokenizer.convert_tokens_to_ids(end) != tokenizer.unk_token_id
+    # The token the loss taught the model to emit after every answer.
+    counted = [position for position, label in enumerate(labels) if label != IGNORE_INDEX]
+    ends = [position for position in counted if position + 1 not in counted]
+    assert len(ends) == len(ANSWERS) and all(ids[position] == found for position in ends)
+
+
+def test_without_a_template_that_renders_an_exchange_there_is_no_end_of_turn(byte_level):
+    assert end_of_turn_token_id(byte_level, None) is None
+    assert end_of_turn_token_id(byte_level, "{{ raise_exception('only tool calls') }}") is None
 
 
 def test_the_schema_offers_exactly_the_builtin_templates():

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from conftest import _env
+from dstrain.chat import BUILTIN_TEMPLATES
 from dstrain.data import byte_level_tokenizer
 from dstrain.generation import OptionError, SamplingOptions, StopStringStream
 from dstrain.inference import load_model_to_use
+from test_generation_eval import _base_tokenizer_with_chatml_tokens, chatml_model_that_always_ends_its_turn
 
 QUESTION = "What is the capital of France?"
 
@@ -106,6 +108,25 @@ def test_generation_uses_the_kv_cache_even_when_the_saved_config_turns_it_off(ti
     answer = target.generate(prompt, SamplingOptions(max_new_tokens=5))
     assert answer.completion_tokens == 5 and answer.finish_reason == "length"
     assert lengths == [len(prompt), 1, 1, 1, 1], "each new token is one position on top of the cached ones"
+
+
+def test_an_answer_ends_at_the_end_of_turn_of_the_template_the_model_was_saved_with(tmp_path):
+    """A base model fine-tuned with data.template=chatml: its EOS is </s>, its turns end with <|im_end|>."""
+    tokenizer = _base_tokenizer_with_chatml_tokens()
+    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"]
+    model = chatml_model_that_always_ends_its_turn(tokenizer)
+    # The config's EOS is the tokenizer's, as training leaves it; the saved tokenizer carries the template.
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    target = load_model_to_use(tmp_path)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert target.stop_token_ids == sorted([tokenizer.eos_token_id, im_end])
+    # from_pretrained builds Llama's head without a bias; the one that always ends the turn goes back in.
+    target.model.lm_head = model.lm_head
+    answer = target.generate(target.chat_prompt_ids([{"role": "user", "content": "Hi"}]),
+                             SamplingOptions(max_new_tokens=8))
+    assert (answer.finish_reason, answer.completion_tokens, answer.text) == ("stop", 1, "")
 
 
 def test_sampling_with_a_seed_repeats_and_greedy_needs_none(tiny_pretrained_dir):

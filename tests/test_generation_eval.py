@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import _env, train
+from dstrain.chat import BUILTIN_TEMPLATES
 from dstrain.checks import validate
 from dstrain.compose import compose
 from dstrain.errors import ConfigError
-from dstrain.evaluation import Generation
+from dstrain.evaluation import Generation, stop_token_ids
 
 # Instruction data on the tiny model and its byte-level tokenizer, with the built-in alpaca template.
 ALPACA = ("+data=alpaca", "data.template=alpaca", "data.seq_len=128", "data.train_files=[/nonexistent.json]")
@@ -77,7 +78,7 @@ def _generation(max_prompts: int = 5, max_new_tokens: int = 4):
         "reference": [chr(ord("a") + number) for number in range(6)],
     })
     return Generation(EvalConfig(max_prompts=max_prompts, max_new_tokens=max_new_tokens), 12, byte_level_tokenizer(),
-                      prompts)
+                      prompts, BUILTIN_TEMPLATES["alpaca"])
 
 
 @pytest.mark.parametrize("rank, synced, calls, answered", [
@@ -100,6 +101,71 @@ def test_one_process_scores_the_answers_in_prompt_order():
     scores = generation.evaluate(_EchoModel(), torch.device("cpu"))
     assert set(scores) == {f"eval_{name}" for name in ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")}
     assert scores["eval_exact_match"] == 0
+
+
+def _base_tokenizer_with_chatml_tokens(eos: bool = True):
+    """dstrain's byte-level tokenizer (EOS </s>, no template of its own) given ChatML's tokens, as a base model
+    fine-tuned with data.template=chatml has them; or the same without any EOS."""
+    from transformers import PreTrainedTokenizerFast
+
+    from dstrain.data import byte_level_tokenizer
+
+    tokenizer = byte_level_tokenizer()
+    if not eos:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def test_generation_stops_at_the_templates_end_of_turn_and_at_every_eos_there_is():
+    tokenizer = _base_tokenizer_with_chatml_tokens()
+    im_end, eos = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id
+    chatml = BUILTIN_TEMPLATES["chatml"]
+    assert stop_token_ids(tokenizer, eos, chatml) == sorted([eos, im_end])
+    assert stop_token_ids(tokenizer, [eos, 5], chatml) == sorted([5, eos, im_end])
+    assert stop_token_ids(tokenizer, None, BUILTIN_TEMPLATES["alpaca"]) == [eos]
+    without_eos = _base_tokenizer_with_chatml_tokens(eos=False)
+    assert without_eos.eos_token_id is None
+    assert stop_token_ids(without_eos, None, chatml) == [without_eos.convert_tokens_to_ids("<|im_end|>")]
+
+
+def chatml_model_that_always_ends_its_turn(tokenizer):
+    """A tiny Llama whose output layer's bias makes <|im_end|> the greedy choice after any prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from dstrain.config import ModelConfig
+    from dstrain.model import llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(ModelConfig(vocab_size=len(tokenizer)))).eval()
+    head = torch.nn.Linear(model.config.hidden_size, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids("<|im_end|>")] = 1.0
+    model.lm_head = head
+    return model
+
+
+def test_in_training_the_answer_ends_at_the_end_of_turn_of_the_template_the_data_used():
+    """As in training: the tokenizer has no template of its own; data.template=chatml rendered the prompts."""
+    import datasets
+
+    from dstrain.eval_config import EvalConfig
+
+    tokenizer = _base_tokenizer_with_chatml_tokens()
+    assert tokenizer.chat_template is None
+    chatml = BUILTIN_TEMPLATES["chatml"]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=chatml, tokenize=False,
+                                         add_generation_prompt=True)
+    prompts = datasets.Dataset.from_dict({"prompt_ids": [tokenizer(text, add_special_tokens=False)["input_ids"]],
+                                          "reference": ["Hello"]})
+    generation = Generation(EvalConfig(max_prompts=1, max_new_tokens=6), 64, tokenizer, prompts, chatml)
+    model = chatml_model_that_always_ends_its_turn(tokenizer)
+    steps = []
+    model.register_forward_hook(lambda module, args, output: steps.append(1))
+    assert generation.answers(model, torch.device("cpu"), 0, 1, False) == {0: ""}
+    assert len(steps) == 1, "generation went on past <|im_end|>"
 
 
 def _dstrain_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
