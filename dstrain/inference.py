@@ -53,7 +53,8 @@ class ModelToUse:
         return generate(self.model, self.tokenizer, prompt_ids, options, self.stop_token_ids, on_text, cancelled)
 
 
-def load_model_to_use(path: Path) -> ModelToUse:
+def load_model_to_use(path: Path, int8: bool = False) -> ModelToUse:
+    """int8: the Linear layers dynamically quantised to INT8 (dstrain.int8), an adapter merged in first."""
     from transformers import GenerationConfig
     from transformers.utils import logging as transformers_logging
 
@@ -70,6 +71,10 @@ def load_model_to_use(path: Path) -> ModelToUse:
         model, tokenizer = trained.model.eval(), trained.tokenizer
     else:
         model, tokenizer = load_exported_model(location)
+    if int8:
+        from dstrain.int8 import quantized_int8
+
+        model = quantized_int8(model)
     stops = stop_token_ids(tokenizer, model.config.eos_token_id, tokenizer.chat_template)
     # generate() fills every option a request leaves unset from the model's own generation config: training
     # saves use_cache=False there, and a pretrained model may bring sampling defaults. Only what the user asks
@@ -80,7 +85,8 @@ def load_model_to_use(path: Path) -> ModelToUse:
 
 
 def generate_in_terminal(path: Path, options: SamplingOptions, prompt: Optional[str], system: Optional[str],
-                         chat: bool, max_new_tokens_given: bool, output: TextIO = sys.stdout) -> None:
+                         chat: bool, max_new_tokens_given: bool, output: TextIO = sys.stdout,
+                         int8: bool = False) -> None:
     """`--prompt`: one answer (to a user turn when the model has a chat template, else a plain continuation).
     `--chat`: a conversation, a user turn per line of stdin, until end of input. Answers are streamed. An
     answer may take max_new_tokens when given (which must fit the context), else up to the default that the
@@ -88,7 +94,7 @@ def generate_in_terminal(path: Path, options: SamplingOptions, prompt: Optional[
     options.check()
     if not chat and not (prompt or "").strip():
         raise OptionError("prompt", "is empty: give some text")
-    target = load_model_to_use(path)
+    target = load_model_to_use(path, int8)
     if system and not target.has_chat_template:
         raise OptionError("system", "needs a chat template, and this model has none (it trained on plain text)")
     if not chat:

@@ -241,7 +241,8 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def serve(path: Path, host: str, port: int, model_name: str, queue_size: int, request_timeout_s: float) -> None:
+def serve(path: Path, host: str, port: int, model_name: str, queue_size: int, request_timeout_s: float,
+          int8: bool = False) -> None:
     import uvicorn
 
     from dstrain.inference import load_model_to_use
@@ -250,6 +251,6 @@ def serve(path: Path, host: str, port: int, model_name: str, queue_size: int, re
         raise ConfigError(f"--queue-size is {queue_size}: give at least 1")
     if not request_timeout_s > 0:
         raise ConfigError(f"--request-timeout is {request_timeout_s}: give a number of seconds above 0")
-    target = load_model_to_use(path)
+    target = load_model_to_use(path, int8)
     print(f"serving {model_name} (context {target.context_length} tokens) at http://{host}:{port}/v1", file=sys.stderr)
     uvicorn.run(create_app(target, model_name, queue_size, request_timeout_s), host=host, port=port)
