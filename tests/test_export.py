@@ -111,10 +111,11 @@ def test_exported_model_gives_the_trained_engines_eval_loss(tmp_path, shared_run
         assert evaluated == pytest.approx(logged, rel=BF16_REL)
         return
     assert _eval_loss_like_the_trainer(model, tokenizer, STANDARD_MICRO_BATCH) == pytest.approx(logged, rel=1e-5)
-    if zero not in ("0", "3"):
+    if zero != "0":
         return
 
-    # The directory is a pretrained model for dstrain too: step 1's loss is the exported model's own loss.
+    # Once, from ZeRO-0 (every stage's export is the same kind of directory, its weights checked above): the
+    # directory is a pretrained model for dstrain too, step 1's loss being the exported model's own loss.
     again = train(
         tmp_path, f"model.pretrained={out}", "trainer.max_steps=2", "scheduler.warmup_steps=1",
         "trainer.eval_every=0", "trainer.save_every=0", ranks=0, name="from_export",
