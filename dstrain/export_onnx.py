@@ -91,7 +91,7 @@ def export_fp32(model: torch.nn.Module, path: Path) -> None:
     with quiet_exporter():
         try:
             torch.onnx.export(
-                LogitsOnly(model), example, str(path), dynamo=True, external_data=True, verbose=False,
+                LogitsOnly(model).eval(), example, str(path), dynamo=True, external_data=True, verbose=False,
                 input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], dynamic_shapes=dynamic,
             )
         except Exception as error:  # the exporter wraps every failure in its own types

@@ -30,6 +30,8 @@ def quantized_int8(model: torch.nn.Module) -> torch.nn.Module:
         # torch.ao.quantization is deprecated for torchao, which this project cannot use (it declares no torch
         # version, and transformers imports it once installed); the eager API still works in torch 2.13.
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+                                category=UserWarning)
         torch.ao.quantization.quantize_dynamic(
             model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
         )
