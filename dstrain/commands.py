@@ -1,7 +1,7 @@
 """The `dstrain` command: one subcommand per job around training (training itself is launch/train.py).
 
     dstrain prepare [OVERRIDE ...]
-    dstrain export CHECKPOINT OUTPUT_DIR [--merged] [--format hf]
+    dstrain export CHECKPOINT OUTPUT_DIR [--merged] [--format hf|onnx|gguf] [--quantize TYPE]
     dstrain eval MODEL [--split test|validation] [--files F ...] [--output JSON] [--harness TASKS]
     dstrain generate MODEL (--prompt TEXT | --chat) [--int8] [--temperature T] [--top-k K] [--top-p P] ...
     dstrain serve MODEL [--host HOST] [--port PORT] [--queue-size N] [--request-timeout S] [--int8]
@@ -78,11 +78,13 @@ def run_prepare(args: argparse.Namespace) -> None:
 def add_export_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face directory (safetensors)",
+        help="write a checkpoint as a Hugging Face directory, ONNX or GGUF",
         description=(
-            "Turn a dstrain checkpoint (any ZeRO stage, any precision, full or LoRA) into a Hugging Face "
+            "Turn a dstrain checkpoint (any ZeRO stage, any precision, full or an adapter) into a Hugging Face "
             "directory that AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load, and "
-            "that model.pretrained=OUTPUT_DIR trains on. Weights are consolidated to fp32 on the CPU."
+            "that model.pretrained=OUTPUT_DIR trains on; or into ONNX for ONNX Runtime, or one GGUF file for "
+            "llama.cpp, LM Studio and Ollama. Weights are consolidated to fp32 on the CPU; frozen weights come "
+            "from model.pretrained as stored."
         ),
     )
     parser.add_argument(

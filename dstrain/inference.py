@@ -24,7 +24,7 @@ class ModelToUse:
     tokenizer: object
     # The tokens a prompt and its answer may take together: the model's position embeddings.
     context_length: int
-    # Generation ends at any of them: the tokenizer's EOS and the model config's (a template's end of turn).
+    # Generation ends at any of them: the chat template's end of turn, the tokenizer's EOS and the model config's.
     stop_token_ids: List[int]
 
     @property
