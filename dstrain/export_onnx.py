@@ -7,22 +7,34 @@ data, OUTPUT/model.onnx.data next to the graph, so that models over protobuf's 2
 onnxruntime.InferenceSession(OUTPUT/model.onnx) finds it there. config.json and the tokenizer are written
 too, so the directory has what it takes to tokenise a prompt and read the logits.
 
---quantize int8: onnxruntime's dynamic quantisation of the fp32 export (INT8 weights for every MatMul,
+--quantize int8: onnxruntime's dynamic quantisation of the fp32 export (INT8 weights, one scale per tensor,
 activations quantised per call), written as OUTPUT/model.onnx (and .data); the fp32 graph only passes
-through a temporary directory.
+through a temporary directory. It quantises the MatMuls of the model's Linear layers except those that
+dstrain.int8.stays_fp32 names (the MLP's output projection, whose inputs have outlier activations, and
+lm_head), the rule `generate --int8` follows; dstrain.int8's docstring has the measurements. A MatMul is
+matched to its Linear by the module path the dynamo exporter records in the node's metadata. With tied
+embeddings (SmolLM2) lm_head's MatMul is not quantised anyway, since its weight arrives through a Transpose
+and dynamic quantisation only takes a MatMul whose weight is a constant (MatMulConstBOnly, on by default);
+the embedding's Gather is quantised, though, so the shared matrix is stored INT8 and lm_head multiplies fp32
+activations by its dequantised copy. Measured on SmolLM2-135M-Instruct (fp32 perplexity 60.1 on
+the first 800 tokens of benchmarks/int8.py's text): every MatMul 106.5 (size 0.26 of fp32), all but down_proj 62.4 (size
+0.40); the embedding kept fp32 as well: 62.4 again (size 0.56), so it stays INT8. One scale per output
+channel (per_channel=True) gains with every MatMul quantised (98.2) but not with down_proj excluded (64.0),
+so the default, faster per-tensor scales stay.
 
 After writing, the export checks itself, cheaply: one batch of two 8-token rows (the second padded on the
 left) through onnxruntime and PyTorch. fp32 must agree within CHECK_ATOL on every real (unpadded) position,
 else the export fails; for INT8 the largest logit difference and how often the top token agrees are printed.
 """
 
+import ast
 import contextlib
 import logging
 import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -102,7 +114,31 @@ def quantize_int8(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_exporter():
-        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8, use_external_data_format=True)
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         nodes_to_exclude=fp32_matmul_names(fp32_path))
+
+
+def fp32_matmul_names(path: Path) -> List[str]:
+    """The MatMul nodes of the exported graph that compute a Linear layer dstrain.int8.stays_fp32 names."""
+    import onnx
+
+    from dstrain.int8 import stays_fp32
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [node.name for node in graph.node
+            if node.op_type == "MatMul" and stays_fp32(exported_module_name(node) or "")]
+
+
+def exported_module_name(node) -> Optional[str]:
+    """The name (as the causal LM's named_modules gives it) of the module whose forward produced this node, from
+    the scopes the dynamo exporter records: ['', 'model', 'model.model', ..., 'model.model.layers.0.mlp.down_proj',
+    'linear_6'], the last one the node's own, the rest module paths from LogitsOnly (so each after the first
+    starts with its attribute `model.`)."""
+    scopes = next((entry.value for entry in node.metadata_props if entry.key == "pkg.torch.onnx.name_scopes"), None)
+    if scopes is None:
+        return None
+    names = ast.literal_eval(scopes)
+    return names[-2].removeprefix("model.") if len(names) >= 2 else None
 
 
 def check_against_pytorch(model: torch.nn.Module, path: Path, exact: bool) -> str:
