@@ -16,11 +16,11 @@ matched to its Linear by the module path the dynamo exporter records in the node
 embeddings (SmolLM2) lm_head's MatMul is not quantised anyway, since its weight arrives through a Transpose
 and dynamic quantisation only takes a MatMul whose weight is a constant (MatMulConstBOnly, on by default);
 the embedding's Gather is quantised, though, so the shared matrix is stored INT8 and lm_head multiplies fp32
-activations by its dequantised copy. Measured on SmolLM2-135M-Instruct (fp32 perplexity 60.1 on
-the first 800 tokens of benchmarks/int8.py's text): every MatMul 106.5 (size 0.26 of fp32), all but down_proj 62.4 (size
-0.40); the embedding kept fp32 as well: 62.4 again (size 0.56), so it stays INT8. One scale per output
-channel (per_channel=True) gains with every MatMul quantised (98.2) but not with down_proj excluded (64.0),
-so the default, faster per-tensor scales stay.
+activations by its dequantised copy. Measured on SmolLM2-135M-Instruct (fp32 perplexity 60.1 on the first
+800 tokens of benchmarks/int8.py's text): every MatMul 106.5 (size 0.26 of fp32), all but down_proj 62.4
+(size 0.40); the embedding kept fp32 as well: 62.4 again (size 0.56), so it stays INT8. One scale per
+output channel (per_channel=True) gains with every MatMul quantised (98.2) but not with down_proj excluded
+(64.0), so the default, faster per-tensor scales stay.
 
 After writing, the export checks itself, cheaply: one batch of two 8-token rows (the second padded on the
 left) through onnxruntime and PyTorch. fp32 must agree within CHECK_ATOL on every real (unpadded) position,

@@ -15,9 +15,12 @@ from conftest import STANDARD_RUN, _env
 STANDARD_STEPS = 24
 # fp32 sums in another order: SmolLM2's logits (up to ~20) came out 1.06e-4 apart at one position in 600k.
 FP32_RTOL = 1e-5
-# Dynamic INT8 costs SmolLM2-135M about 1 nat of mean next-token loss on real text (both PyTorch's and ONNX
-# Runtime's); a broken quantisation lands near ln(49152) = 10.8.
-INT8_EXTRA_LOSS = 1.5
+# With the MLP's output projection and lm_head in fp32 (dstrain.int8.stays_fp32), INT8 changed SmolLM2-135M's mean
+# next-token loss on TEXT by +0.10 nats (ONNX Runtime) and -0.13 (PyTorch); quantising every MatMul cost +0.34,
+# and a broken quantisation lands near ln(49152) = 10.8.
+INT8_EXTRA_LOSS = 0.3
+# The INT8 export over the fp32 one: 0.40 measured (0.26 with every MatMul quantised, 1 with none).
+INT8_SIZE_RATIO = 0.42
 # A rendered question and answer, for the INT8 checks: real text gives the model something to be sure of.
 TEXT = ("<|im_start|>user\nWhat are the three primary colors?<|im_end|>\n<|im_start|>assistant\nThe three "
         "primary colors are red, blue and yellow. Mixing them gives every other color.<|im_end|>\n")
@@ -97,6 +100,18 @@ def files_size(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("model.onnx*"))
 
 
+def check_int8_graph_keeps_down_proj_and_lm_head_fp32(directory: Path, layers: int) -> None:
+    """The INT8 graph's Linear layers: q, k, v, o, gate and up in INT8 in every layer; down_proj and lm_head fp32."""
+    import onnx
+
+    from dstrain.export_onnx import exported_module_name
+
+    graph = onnx.load(str(directory / "model.onnx"), load_external_data=False).graph
+    assert sum(node.op_type == "MatMulInteger" for node in graph.node) == 6 * layers
+    fp32_linears = {exported_module_name(node) for node in graph.node if node.op_type == "MatMul"}
+    assert {f"model.layers.{layer}.mlp.down_proj" for layer in range(layers)} | {"lm_head"} <= fp32_linears
+
+
 @pytest.mark.slow
 def test_onnx_export_of_a_tiny_checkpoint_gives_pytorchs_logits(tmp_path, shared_run):
     from transformers import AutoConfig, AutoTokenizer
@@ -128,7 +143,8 @@ def test_onnx_export_of_a_lora_fine_tune_of_smollm2_merges_it_and_int8_stays_clo
     assert "the same top token at" in completed.stdout
     assert not list(temporary.glob("dstrain-onnx-fp32-*")), "the fp32 intermediate is left behind"
     assert sorted(path.name for path in int8_out.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
-    assert files_size(fp32_out) > 3 * files_size(int8_out)
+    assert files_size(int8_out) < INT8_SIZE_RATIO * files_size(fp32_out)
+    check_int8_graph_keeps_down_proj_and_lm_head_fp32(int8_out, merged.config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(int8_out)
     input_ids = tokenizer([TEXT], add_special_tokens=False, return_tensors="pt")["input_ids"]
     attention_mask = torch.ones_like(input_ids)
@@ -138,7 +154,7 @@ def test_onnx_export_of_a_lora_fine_tune_of_smollm2_merges_it_and_int8_stays_clo
 
 
 @pytest.mark.slow
-def test_generate_int8_answers_with_int8_linear_layers_and_the_tied_embedding_intact(smollm2_lora_checkpoint):
+def test_generate_int8_answers_with_int8_linear_layers_but_down_proj_and_the_tied_lm_head(smollm2_lora_checkpoint):
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
     from dstrain.inference import load_model_to_use
@@ -151,17 +167,16 @@ def test_generate_int8_answers_with_int8_linear_layers_and_the_tied_embedding_in
     assert merged.lm_head.weight is merged.model.embed_tokens.weight, "SmolLM2 ties lm_head to the embeddings"
     target = load_model_to_use(smollm2_lora_checkpoint, int8=True)
     model = target.model
+    layers = model.config.num_hidden_layers
     linears = [name for name, module in model.named_modules() if type(module) is torch.nn.Linear]
-    int8 = {name: module for name, module in model.named_modules() if isinstance(module, DynamicInt8Linear)}
-    assert linears == [], "every Linear is quantised, the adapter merged away"
-    assert len(int8) == 7 * model.config.num_hidden_layers + 1  # q, k, v, o, gate, up, down; lm_head
-    assert all(module.weight().dtype == torch.qint8 for module in int8.values())
-    # The embedding keeps the fp32 weight the quantised lm_head was packed from.
-    embedding = model.model.embed_tokens.weight
-    assert embedding.dtype == torch.float32
-    torch.testing.assert_close(embedding, merged.model.embed_tokens.weight, atol=0, rtol=0)
-    step = embedding.abs().max().item() / 127  # per-tensor symmetric INT8
-    torch.testing.assert_close(int8["lm_head"].weight().dequantize(), embedding, atol=step, rtol=0)
+    int8 = [module for module in model.modules() if isinstance(module, DynamicInt8Linear)]
+    assert linears == [f"model.layers.{layer}.mlp.down_proj" for layer in range(layers)] + ["lm_head"], \
+        "the adapter is merged away, and only the MLP's output projection and lm_head stay fp32"
+    assert len(int8) == 6 * layers  # q, k, v, o, gate, up
+    assert all(module.weight().dtype == torch.qint8 for module in int8)
+    # lm_head stays fp32, so the tie holds and the embedding is the merged model's.
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(model.model.embed_tokens.weight, merged.model.embed_tokens.weight, atol=0, rtol=0)
 
     ids = target.tokenizer([TEXT], add_special_tokens=False, return_tensors="pt")["input_ids"]
     mask = torch.ones_like(ids)
