@@ -343,12 +343,10 @@ _PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content"
 
 
 def end_of_turn_token_id(tokenizer, chat_template) -> Optional[int]:
-    """The token the template puts right after an assistant answer's content (ChatML's <|im_end|>, Llama-3's
-    <|eot_id|>, EOS for alpaca and llama-2), found as training finds answer spans: by rendering a probe
-    exchange with and without its answer. None when that end is not a single special or added token (a
-    template that spells it in ordinary text, which the model cannot stop at in one token), or when there is
-    no template or it cannot render the probe: a template that only renders its own conversations must not
-    stop plain-text generation."""
+    """The token the template puts right after an assistant answer (ChatML's <|im_end|>, Llama-3's <|eot_id|>,
+    EOS for alpaca and llama-2), found by rendering a probe exchange with and without its answer, as training
+    finds answer spans. None without a template, when it cannot render the probe, or when the end is not one
+    special or added token (an end spelled in ordinary text cannot be stopped at in one token)."""
     if isinstance(chat_template, dict):  # several named templates: "default" is the chat one
         chat_template = chat_template.get("default")
     if not chat_template:
@@ -366,8 +364,7 @@ def end_of_turn_token_id(tokenizer, chat_template) -> Optional[int]:
     ids = tokenizer(through[start + len(answer):].strip(), add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         return None
-    special_or_added = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-    return ids[0] if ids[0] in special_or_added else None
+    return ids[0] if ids[0] in {*tokenizer.all_special_ids, *tokenizer.get_added_vocab().values()} else None
 
 
 def tokenize_conversation(tokenizer, chat_template: str, turns: List[Turn], train_on_prompt: bool = False,
