@@ -6,15 +6,20 @@ model, so that no llama.cpp checkout is needed:
     weights     f32, f16 (vectors stay f32) or q8_0 (matrices whose rows do not fill 32-value blocks fall back
                 to f16); llama.cpp's tensor names; for the llama architecture the rows of q_proj and k_proj
                 permuted into the rotary layout llama.cpp uses; tied embeddings written once (token_embd)
-    tokenizer   byte-level BPE ("gpt2" in GGUF): tokens and their types, merges, BOS/EOS/PAD ids, whether a
-                BOS is prepended, and the pre-tokenizer's llama.cpp name, identified as convert_hf_to_gguf.py
-                does, by hashing the tokenizer's output on a fixed text
+    tokenizer   byte-level BPE ("gpt2" in GGUF; SmolLM2, Qwen2, Llama-3): tokens and their types, merges, and
+                the pre-tokenizer's llama.cpp name, identified as convert_hf_to_gguf.py does, by hashing the
+                tokenizer's output on a fixed text. SentencePiece-style BPE with byte fallback ("llama" in GGUF;
+                Llama-2, TinyLlama, Mistral v0.1): tokens and types from gguf's LlamaHfVocab, as
+                convert_hf_to_gguf.py writes a tokenizer.json without tokenizer.model, but scores from the merge
+                ranks so that llama.cpp joins pieces in HF's order, and the UNK id. Both: BOS/EOS/PAD ids and
+                whether a BOS or EOS is added
     metadata    the hyperparameters llama.cpp reads, the chat template the run trained with, a model name
 
 Architectures: LlamaForCausalLM (Mistral-style configs included) and Qwen2ForCausalLM.
 """
 
 import json
+import tempfile
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -151,30 +156,82 @@ def rope_theta(config) -> float:
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
-    merges = byte_level_bpe_merges(tokenizer)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if is_sentencepiece_style(backend):
+        add_sentencepiece_vocab(writer, tokenizer, backend, vocab_size)
+    else:
+        add_byte_level_vocab(writer, tokenizer, backend, vocab_size)
+    add_special_tokens(writer, tokenizer)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def add_byte_level_vocab(writer, tokenizer, backend: dict, vocab_size: int) -> None:
+    merges = byte_level_bpe_merges(backend)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer) if merges else BYTE_LEVEL_PRE_TOKENIZER)
     tokens, token_types = token_list(tokenizer, vocab_size)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_merges(merges or [UNREACHABLE_MERGE])
-    add_special_tokens(writer, tokenizer)
-    if isinstance(tokenizer.chat_template, str):
-        writer.add_chat_template(tokenizer.chat_template)
 
 
-def byte_level_bpe_merges(tokenizer) -> List[str]:
-    """The merges as llama.cpp reads them ("left right"); the tokenizer must be byte-level BPE, the only kind
-    llama.cpp's gpt2 tokenizer reproduces."""
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+def byte_level_bpe_merges(backend: dict) -> List[str]:
+    """The merges as llama.cpp reads them ("left right"). A tokenizer that is not SentencePiece-style must be
+    byte-level BPE, the other kind llama.cpp's tokenizers reproduce."""
     byte_level = "ByteLevel" in json.dumps(backend.get("decoder"))
     if backend["model"]["type"] != "BPE" or not byte_level:
         raise ConfigError(
-            f"--format gguf writes byte-level BPE tokenizers; this one is {backend['model']['type']} with the "
-            f"decoder {json.dumps(backend.get('decoder'))[:80]}. Export with --format hf and convert with "
-            f"llama.cpp's convert_hf_to_gguf.py."
+            f"--format gguf writes byte-level BPE and SentencePiece-style (BPE with byte_fallback) tokenizers; "
+            f"this one is {backend['model']['type']} with the decoder {json.dumps(backend.get('decoder'))[:80]}. "
+            f"Export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py."
         )
     return [merge if isinstance(merge, str) else " ".join(merge) for merge in backend["model"]["merges"]]
+
+
+def is_sentencepiece_style(backend: dict) -> bool:
+    """Llama-2's kind (TinyLlama, Mistral v0.1, Vicuna): BPE over text with "▁" for spaces, bytes no token
+    spells falling back to <0x..> tokens. The test is gguf's LlamaHfVocab's, which also wants a decoder Sequence."""
+    model, decoder = backend["model"], backend.get("decoder") or {}
+    return model["type"] == "BPE" and bool(model.get("byte_fallback")) and decoder.get("type") == "Sequence"
+
+
+def add_sentencepiece_vocab(writer, tokenizer, backend: dict, vocab_size: int) -> None:
+    """What convert_hf_to_gguf.py's _set_vocab_llama_hf writes for a Llama tokenizer.json without a
+    tokenizer.model: gguf's LlamaHfVocab's tokens and types, in GGUF's "llama" (SentencePiece) model."""
+    import gguf
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)  # LlamaHfVocab reads a saved tokenizer, not an object
+        vocab = gguf.vocab.LlamaHfVocab(Path(directory))
+        entries = list(vocab.all_tokens())
+    tokens = [text.decode() for text, _, _ in entries]
+    scores = merge_rank_scores(tokens, backend)
+    token_types = [token_type for _, _, token_type in entries]
+    # Rows of the embedding matrix past the tokenizer, as convert_hf_to_gguf.py pads a SentencePiece vocab; one
+    # entry per row, no more.
+    for index in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{index}]")
+        scores.append(-1000.0)
+        token_types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens[:vocab_size])
+    writer.add_token_scores(scores[:vocab_size])
+    writer.add_token_types(token_types[:vocab_size])
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
+
+
+def merge_rank_scores(tokens: List[str], backend: dict) -> List[float]:
+    """LlamaHfVocab scores every token -1000 (a placeholder, its comment says). llama.cpp's SentencePiece tokenizer
+    joins the adjacent pair whose joined token scores highest, where HF's BPE applies the earliest merge; with
+    equal scores llama.cpp joins leftmost first and tokenizes some words differently. Minus the rank of the merge
+    that makes a token gives llama.cpp HF's order; tokens no merge makes score below all of those."""
+    rank_of: Dict[str, int] = {}
+    for rank, merge in enumerate(backend["model"]["merges"]):
+        rank_of.setdefault("".join(merge.split(" ") if isinstance(merge, str) else merge), rank)
+    return [-float(rank_of.get(token, len(rank_of))) for token in tokens]
 
 
 def pre_tokenizer_name(tokenizer) -> str:

@@ -5,6 +5,7 @@ llama.cpp must tokenize like the Hugging Face tokenizer and continue greedily li
 back the same weights, tokenizer and chat template."""
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,98 @@ def test_qwen2_architecture_runs_in_llama_cpp(tmp_path, smollm2_tokenizer_dir):
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
+# English with leading spaces, Chinese the tokenizer has no pieces for (byte fallback), digits; then words run
+# together, where joining the leftmost pair first (what llama.cpp does with equal scores) gives other pieces than
+# HF's merge order: with LlamaHfVocab's -1000 placeholder scores llama.cpp splits "1987gardeningherepaints" into
+# ..."in", "gh", "er", "e"... and HF into ..."in", "g", "he", "re"...
+SENTENCEPIECE_PROMPTS = ["The cat sees a red ball", "   three leading spaces", "我想在苹果公司工作",
+                         "In 1987 and 2024: 42 birds", "1987gardeningherepaints", "gardengardeninghere2024",
+                         "lightneighbourseveryoneneighbours"]
+
+
+def _sentencepiece_vocab_and_merges():
+    """A Llama-2-style vocabulary (there is none on this machine): BPE pieces with "▁" for spaces,
+    <unk> <s> </s> and <0x00>..<0xFF> first as Llama-2 numbers them, trained here on a few hundred generated
+    lines."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    rng = random.Random(0)
+    subjects = ["the cat", "a small dog", "my friend", "the old teacher", "our neighbour", "the river", "everyone",
+                "It", "In the end she"]
+    verbs = ["sees", "likes", "paints", "follows", "remembers", "counts", "finds", "is"]
+    objects = ["a red ball", "the blue house", "three apples", "the morning light", "forty seven birds",
+               "the garden", "here"]
+    lines = [f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)} in "
+             f"{rng.randint(1900, 2030)}." for _ in range(400)]
+    trained = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True))
+    # split=True: pieces learned within words, as SentencePiece trains; the tokenizers below do not split.
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    special = ["<unk>", "<s>", "</s>", *(f"<0x{byte:02X}>" for byte in range(256))]
+    trained.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    return model["vocab"], [tuple(merge) for merge in model["merges"]]
+
+
+def _llama2_tokenizer_json(vocab: dict, merges: list):
+    """The pipeline of Llama-2's and TinyLlama's own tokenizer.json: a normalizer that always prepends "▁"
+    and replaces spaces, a "<s> $A" post-processor, and the decoder Sequence LlamaHfVocab checks for."""
+    from tokenizers import Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["llama2_tokenizer_json", "transformers_llama_tokenizer"])
+def test_sentencepiece_style_tokenizer_runs_in_llama_cpp(tmp_path, pipeline):
+    """A tiny Llama with a Llama-2-style tokenizer, as Llama-2's tokenizer.json builds it (normalizer) and as
+    transformers' LlamaTokenizerFast rebuilds it (Metaspace pre-tokenizer). llama.cpp says it adds BOS, tokenizes
+    the prompts (leading spaces, byte fallback, digits, run-together words) as HF does, and continues greedily as
+    PyTorch does. One difference is llama.cpp's and is asserted as such: it always prefixes the text with a space,
+    as SentencePiece does, where Metaspace adds none to text that starts with one. transformers' GGUF loader reads
+    back a tokenizer giving the same ids; it builds the Metaspace kind, so that too only for text not starting
+    with a space."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaTokenizerFast
+
+    vocab, merges = _sentencepiece_vocab_and_merges()
+    if pipeline == "llama2_tokenizer_json":
+        tokenizer = _llama2_tokenizer_json(vocab, merges)
+    else:
+        tokenizer = LlamaTokenizerFast(vocab=vocab, merges=merges, add_bos_token=True)
+    assert "<0xE6>" in tokenizer.tokenize(SENTENCEPIECE_PROMPTS[2]), "the Chinese prompt must need byte fallback"
+    torch.manual_seed(0)
+    # Embedding rows past the tokenizer, as models pad their vocabulary, and an untied lm_head, as Llama-2 has.
+    config = LlamaConfig(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    gguf_file = _write_gguf(model, tokenizer, tmp_path, "f32")
+
+    # greedy.mjs tokenizes without adding BOS, so each prompt starts with "<s>", which it parses as the special
+    # token; llama.cpp then prefixes the text with a space as it does after a BOS it adds itself.
+    answer = _llama_cpp(gguf_file, ["<s>" + prompt for prompt in SENTENCEPIECE_PROMPTS])
+    assert answer["addBos"] is True
+    space = tokenizer.convert_tokens_to_ids("▁")
+    for prompt, result in zip(SENTENCEPIECE_PROMPTS, answer["results"]):
+        ids = tokenizer(prompt).input_ids
+        if pipeline == "transformers_llama_tokenizer" and prompt.startswith(" "):
+            ids = [ids[0], space, *ids[1:]]
+        assert result["tokens"] == ids, (prompt, tokenizer.convert_ids_to_tokens(result["tokens"]))
+        assert result["continuation"] == _torch_greedy(model, ids), prompt
+    read_back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    for prompt in SENTENCEPIECE_PROMPTS:
+        if not prompt.startswith(" "):
+            assert read_back(prompt).input_ids == tokenizer(prompt).input_ids, prompt
+
+
 def _write_gguf(model, tokenizer, directory: Path, quantize: str) -> Path:
     """GgufFormat.write on a model built here, as export calls it with a checkpoint's model."""
     from dstrain.config import TrainConfig
@@ -222,3 +315,4 @@ def test_a_k_quant_is_refused_naming_quantize(tmp_path):
     assert completed.returncode == 2, completed.stdout + completed.stderr
     assert "--quantize q4_k is not available for --format gguf: use one of ['f16', 'f32', 'q8_0']" in completed.stderr
     assert not (tmp_path / "out").exists()
+
