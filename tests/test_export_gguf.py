@@ -316,3 +316,21 @@ def test_a_k_quant_is_refused_naming_quantize(tmp_path):
     assert "--quantize q4_k is not available for --format gguf: use one of ['f16', 'f32', 'q8_0']" in completed.stderr
     assert not (tmp_path / "out").exists()
 
+
+def test_a_tokenizer_of_neither_kind_is_refused(tmp_path):
+    """A WordPiece tokenizer is neither byte-level nor SentencePiece-style BPE: a ConfigError saying what is
+    supported, before any file is written."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordPiece
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from dstrain.errors import ConfigError
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "the": 3, "cat": 4, "##s": 5}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordPiece(vocab, unk_token="[UNK]")),
+                                        unk_token="[UNK]")
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ConfigError, match="writes byte-level BPE and SentencePiece-style .* this one is WordPiece"):
+        _write_gguf(model, tokenizer, tmp_path, "f16")
+    assert not list(tmp_path.iterdir())
