@@ -183,6 +183,8 @@ def test_a_drawn_interrupted_run_resumes_exactly(tmp_path, seed):
     check_scenario(tmp_path, draw(seed))
 
 
+@pytest.mark.slow
+@pytest.mark.faults
 @pytest.mark.release
 @pytest.mark.parametrize("seed", range(RELEASE_FIRST_SEED, RELEASE_FIRST_SEED + RELEASE_DRAWS),
                          ids=lambda seed: f"seed{seed}")
