@@ -170,9 +170,7 @@ def model_config(cfg: TrainConfig):
     from dstrain.model import llama_config
 
     if not cfg.model.pretrained:
-        config = llama_config(cfg.model)
-        config.use_cache = True  # training turns the KV cache off; generation wants it
-        return config
+        return llama_config(cfg.model)
     try:
         return AutoConfig.from_pretrained(cfg.model.pretrained)
     except OSError as error:
