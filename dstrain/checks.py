@@ -76,6 +76,9 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("eval_every", "save_every"):
         if getattr(trainer, key) < 0:
             raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be 0 (off) or positive")
+    if trainer.peak_tflops is not None and trainer.peak_tflops <= 0:
+        raise ConfigError(f"trainer.peak_tflops={trainer.peak_tflops} must be positive (TFLOP/s per rank), or "
+                          f"null to find it from the GPU's name or a measurement")
     if trainer.stop_grace_s <= 0 or trainer.collective_timeout_s <= 0:
         raise ConfigError("trainer.stop_grace_s and trainer.collective_timeout_s must be positive (seconds)")
     if trainer.nonfinite == "skip" and zero.stage == 0 and precision.dtype == "fp32":

@@ -147,6 +147,9 @@ class TrainerConfig:
     max_steps: int = 200
     # Recompute each block's activations in the backward pass instead of keeping them (less memory).
     gradient_checkpointing: bool = False
+    # Peak dense TFLOP/s of one rank in precision.dtype, what MFU is measured against. None: a GPU's from its
+    # name in dstrain.gpus (an unknown GPU logs no MFU), a CPU's from a matmul timed at start (dstrain.mfu).
+    peak_tflops: Optional[float] = None
     # Evaluate every this many steps and after the last (0: never).
     eval_every: int = 50
     # Validation micro-batches per rank per evaluation.

@@ -89,6 +89,8 @@ class TrainingFlops:
     per_token: float
     # Gradient checkpointing's recomputed forward per token (0 without it): hardware work MFU leaves out.
     recompute_per_token: float
+    # The forward's share of per_token (the rest is backward, when gradient reductions can overlap).
+    forward_per_token: float
     # Every parameter of the model, adapters included.
     parameters: int
     # Those that train (and whose gradients ZeRO reduces).
@@ -217,5 +219,6 @@ def training_flops(cfg: TrainConfig, shape: Optional[ModelShape] = None) -> Trai
     per_real_token = positions / seq_len
     recompute = block_forward * per_real_token if cfg.trainer.gradient_checkpointing else 0.0
     added = tally.adapters + trained.added_parameters(shape)
-    return TrainingFlops(tally.flops * per_real_token, recompute, shape.parameters() + added,
+    return TrainingFlops(tally.flops * per_real_token, recompute, tally.forward * per_real_token,
+                         shape.parameters() + added,
                          tally.trainable + added, shape)

@@ -38,6 +38,7 @@ from dstrain.evaluation import EVALUATORS, Generation
 from dstrain.grad_norm import GradNormWatch
 from dstrain.loss import step_loss
 from dstrain.metrics import MetricsLogger
+from dstrain.mfu import MfuMeter, mfu_meter, mfu_metrics
 from dstrain.model import build_model, model_fingerprint, parameter_counts
 from dstrain.optim import optimizer_groups, warmup_cosine_schedule
 from dstrain.preemption import StopSignal
@@ -104,6 +105,8 @@ class Training:
     generation: Optional[Generation]
     # Where training stands: the step, the data position, the trackers' run ids. Restored from a checkpoint.
     state: TrainState
+    # Turns tokens/s into MFU; None where the peak is unknown (dstrain.mfu).
+    mfu: Optional[MfuMeter] = None
 
 
 @dataclass
@@ -163,6 +166,7 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
     return Training(
         cfg, rank, world_size, local_device(), engine, plan, data.validation, checkpoints, metrics, cadence, generation,
         replace(state, tracker_run_id=metrics.tracker_run_id, mlflow_run_id=metrics.mlflow_run_id),
+        mfu_meter(cfg, local_device(), rank),
     )
 
 
@@ -293,6 +297,7 @@ def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: 
         **every_step,
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
+        **mfu_metrics(t.mfu, tokens_per_s),
         "samples_per_s": t.plan.global_batch / elapsed,
         "epoch": epoch,
         **({} if finite else {"update_skipped": result.update_skipped}),

@@ -51,6 +51,10 @@ def test_two_ranks_train_with_every_zero_stage_and_precision(shared_run, zero, p
     assert (run.run_dir / "checkpoints" / "step_00000024" / "manifest.json").is_file()
     # Every ZeRO stage and precision wraps the optimizer differently; each steps the schedule once a step.
     _assert_lr_schedule(run.metrics(), range(1, 25), lr=DEFAULT_LR, warmup=2, max_steps=24, min_lr_ratio=0.1)
+    # Every full log has MFU next to tokens/s, against the peak of a matmul measured at start on each rank.
+    full_logs = [row for row in run.metrics() if "tokens_per_s" in row]
+    assert full_logs and all(0 < row["mfu"] <= 1 for row in full_logs), full_logs
+    assert "model FLOPs per token" in run.output
     if zero == "3":
         assert "ZeRO-3: 21 of 21 parameter tensors partitioned as they were built" in run.output
 

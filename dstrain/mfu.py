@@ -1,0 +1,110 @@
+"""Model FLOPs utilisation: the model FLOPs a step did per second (dstrain.flops) over the peak the ranks could
+have done, logged with tokens_per_s.
+
+The peak per rank is, in this order: trainer.peak_tflops; on a GPU, its name looked up in dstrain.gpus (an
+unknown GPU logs no MFU and says how to give its peak); on a CPU, a matmul of the training dtype timed at start.
+Every rank times its own matmul with its own threads, all at once, because ranks on one machine share its
+cores: what each measures is its share. MFU = achieved FLOP/s / (the ranks' peaks summed), which is peak per
+rank x ranks when they are alike.
+"""
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from dstrain.config import TrainConfig
+from dstrain.distributed import sum_over_ranks
+from dstrain.flops import training_flops
+from dstrain.gpus import GPUS
+
+log = logging.getLogger("dstrain")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Long enough for a stable rate, short enough not to delay the start noticeably.
+_MEASURE_SECONDS = 0.3
+# Large enough for the matmul kernels to run at their full rate, small enough to repeat many times in the
+# timing window.
+_MATMUL_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class MfuMeter:
+    # Model FLOPs of training per token (dstrain.flops).
+    flops_per_token: float
+    # Peak FLOP/s of all ranks together.
+    peak_flops: float
+
+    def metrics(self, tokens_per_s: float) -> Dict[str, float]:
+        return {"mfu": tokens_per_s * self.flops_per_token / self.peak_flops}
+
+
+def mfu_metrics(meter: Optional[MfuMeter], tokens_per_s: float) -> Dict[str, float]:
+    """{"mfu": ...} for a step's metrics, or nothing where the peak is unknown."""
+    return meter.metrics(tokens_per_s) if meter is not None else {}
+
+
+def gpu_for_device_name(name: str) -> Optional[str]:
+    """The dstrain.gpus key of a name as torch.cuda.get_device_name gives it ("NVIDIA H100 80GB HBM3" -> h100,
+    "NVIDIA A100-SXM4-40GB" -> a100-40gb), or None. The table's peaks are the SXM parts', so a PCIe card of an
+    SXM name is unknown rather than overrated."""
+    split = [word for word in re.split(r"[^a-z0-9]+", name.lower()) if word]
+    # Neighbours joined as well: "GeForce RTX 4090" holds rtx4090.
+    words = set(split) | {first + second for first, second in zip(split, split[1:])}
+    # The most specific key first: a100-40gb before a100.
+    for key in sorted(GPUS, key=lambda key: -len(key.split("-"))):
+        if all(part in words for part in key.split("-")):
+            if "pcie" in words and GPUS[key].intra_node_gbps > 64:
+                return None
+            return key
+    return None
+
+
+def measured_cpu_tflops(dtype: str) -> float:
+    """TFLOP/s of a square matmul in `dtype` with this process's threads, timed for about _MEASURE_SECONDS."""
+    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
+    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
+    torch.mm(a, b)  # the first call picks and prepares the kernel
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < _MEASURE_SECONDS:
+        torch.mm(a, b)
+        count += 1
+    return 2 * _MATMUL_SIZE ** 3 * count / elapsed / 1e12
+
+
+def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Optional[Tuple[float, str]]:
+    """(TFLOP/s of this rank, where the figure comes from), or None for a GPU the table does not know."""
+    dtype = cfg.precision.dtype
+    if cfg.trainer.peak_tflops is not None:
+        return cfg.trainer.peak_tflops, "trainer.peak_tflops"
+    if device.type == "cpu":
+        return measured_cpu_tflops(dtype), f"a {dtype} matmul measured on {torch.get_num_threads()} threads per rank"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    key = gpu_for_device_name(name)
+    if key is None:
+        return None
+    return GPUS[key].peak_tflops(dtype), f"{name} as {key} in dstrain.gpus, {dtype}"
+
+
+def mfu_meter(cfg: TrainConfig, device: torch.device, rank: int) -> Optional[MfuMeter]:
+    """Found at start on every rank together (the CPU measurement is timed side by side, and the peaks are
+    summed in one collective); None, after one log line, where the peak is unknown."""
+    flops = training_flops(cfg)
+    dist.barrier()
+    found = peak_tflops_per_rank(cfg, device)
+    # Every rank takes part in the sum; one without a peak gives 0 and makes the total unknown.
+    total, unknown = sum_over_ranks([found[0] if found else 0.0, 0.0 if found else 1.0], device)
+    if unknown:
+        if rank == 0:
+            log.warning("MFU is not logged: this GPU (%s) is not in dstrain.gpus; give its dense %s peak as "
+                        "trainer.peak_tflops=<TFLOP/s per GPU>", torch.cuda.get_device_name(device),
+                        cfg.precision.dtype)
+        return None
+    log.info("MFU: %.3g model FLOPs per token (%.3g GFLOP per %d-token sequence) against %.3g TFLOP/s over %d "
+             "ranks (%s)", flops.per_token, flops.per_token * cfg.data.seq_len / 1e9, cfg.data.seq_len, total,
+             dist.get_world_size(), found[1])
+    return MfuMeter(flops.per_token, total * 1e12)
