@@ -9,6 +9,7 @@ rank x ranks when they are alike.
 """
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -25,11 +26,11 @@ from dstrain.gpus import GPUS
 log = logging.getLogger("dstrain")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Long enough for a stable rate, short enough not to delay the start noticeably.
+# Long enough for many timed matmuls, short enough not to delay the start noticeably.
 _MEASURE_SECONDS = 0.3
-# Large enough for the matmul kernels to run at their full rate, small enough to repeat many times in the
-# timing window.
-_MATMUL_SIZE = 1024
+# Large enough for the matmul kernels to run at their full rate, small enough (a few ms on a CPU core) that
+# the window holds dozens of them.
+_MATMUL_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,18 @@ def gpu_for_device_name(name: str) -> Optional[str]:
 
 
 def measured_cpu_tflops(dtype: str) -> float:
-    """TFLOP/s of a square matmul in `dtype` with this process's threads, timed for about _MEASURE_SECONDS."""
+    """TFLOP/s of a square matmul in `dtype` with this process's threads: the fastest of those timed in about
+    _MEASURE_SECONDS. The fastest, because other processes on the machine only ever slow one down, and a peak
+    lowered by them would overstate MFU."""
     a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
     b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
     torch.mm(a, b)  # the first call picks and prepares the kernel
-    count, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < _MEASURE_SECONDS:
+    fastest, started = math.inf, time.perf_counter()
+    while time.perf_counter() - started < _MEASURE_SECONDS:
+        before = time.perf_counter()
         torch.mm(a, b)
-        count += 1
-    return 2 * _MATMUL_SIZE ** 3 * count / elapsed / 1e12
+        fastest = min(fastest, time.perf_counter() - before)
+    return 2 * _MATMUL_SIZE ** 3 / fastest / 1e12
 
 
 def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Optional[Tuple[float, str]]:
@@ -82,7 +86,7 @@ def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Optional[Tup
     if cfg.trainer.peak_tflops is not None:
         return cfg.trainer.peak_tflops, "trainer.peak_tflops"
     if device.type == "cpu":
-        return measured_cpu_tflops(dtype), f"a {dtype} matmul measured on {torch.get_num_threads()} threads per rank"
+        return measured_cpu_tflops(dtype), f"the fastest {dtype} matmul timed at start on {torch.get_num_threads()} thread(s) per rank"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     key = gpu_for_device_name(name)
     if key is None:
