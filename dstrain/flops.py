@@ -113,10 +113,9 @@ class _Trained:
             first = shape.num_layers - settings.last_blocks
             self.chosen = [f"model.layers.{index}" for index in range(first, shape.num_layers)]
             self.chosen += list(settings.modules)
-            if settings.train_embeddings or (settings.train_head and shape.tied):
-                self.chosen.append("model.embed_tokens")
-            if settings.train_head or (settings.train_embeddings and shape.tied):
-                self.chosen.append("lm_head")
+            self.chosen += ["model.embed_tokens"] if settings.train_embeddings else []
+            self.chosen += ["lm_head"] if settings.train_head else []
+        self.tied = shape.tied
         # peft's IA3 and prefix tuning put trained values inside each block, prompt tuning at the input.
         self.ia3_targets = set(cfg.peft.ia3.target_modules) if method == "ia3" else set()
         self.ia3_feedforward = set(cfg.peft.ia3.feedforward_modules) if method == "ia3" else set()
@@ -135,6 +134,12 @@ class _Trained:
         """Whether the module `name` trains: it, or a module above it, was chosen."""
         if self.everything:
             return True
+        if self.tied and name in ("model.embed_tokens", "lm_head"):
+            # One weight: training either module trains both.
+            return self._chosen("model.embed_tokens") or self._chosen("lm_head")
+        return self._chosen(name)
+
+    def _chosen(self, name: str) -> bool:
         parts = name.split(".")
         ancestors = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
         return any(fnmatch.fnmatchcase(ancestor, pattern) for ancestor in ancestors for pattern in self.chosen)
@@ -211,7 +216,7 @@ def training_flops(cfg: TrainConfig, shape: Optional[ModelShape] = None) -> Trai
     block_forward = tally.forward
     final_norm_trains = trained.trains("model.norm")
     tally.trainable += d if final_norm_trains else 0
-    head_trains = trained.trains("lm_head") or (shape.tied and trained.trains("model.embed_tokens"))
+    head_trains = trained.trains("lm_head")
     head_lora = trained.lora_rank if "lm_head" in trained.lora_targets else 0
     tally.linear(d, shape.vocab_size, stream or final_norm_trains, head_trains, head_lora)
     if head_trains and shape.tied:

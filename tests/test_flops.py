@@ -19,6 +19,8 @@ SEQ_LEN, BATCH = 16, 2
     (), ("+peft=lora",), ("+peft=lora", "peft.lora.target_modules=[v_proj]"), ("+peft=freeze",),
     ("+peft=freeze", "peft.freeze.last_blocks=0", "peft.freeze.train_head=true"), ("+peft=ia3",),
     ("+peft=prompt",), ("+peft=prefix",), ("model.tie_word_embeddings=true",),
+    # Tied, the trained head is the embedding too, so every block's input needs its gradient.
+    ("+peft=freeze", "model.tie_word_embeddings=true", "peft.freeze.last_blocks=0", "peft.freeze.train_head=true"),
 ])
 def test_flops_per_token_are_what_torch_counts_in_a_real_step(method):
     cfg = compose([*method, f"data.seq_len={SEQ_LEN}", "model.attn_implementation=eager"])
