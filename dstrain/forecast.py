@@ -19,8 +19,8 @@ or under ZeRO-3 one gather per module that holds partitioned weights.
 """
 
 import math
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
+from typing import List, Tuple
 
 from dstrain.config import TrainConfig
 from dstrain.flops import TrainingFlops, training_flops
@@ -93,7 +93,7 @@ class Forecast:
     # The collectives counted.
     collectives: List[Collective]
     # Printed with the numbers: what they rest on.
-    assumptions: List[str] = field(default_factory=list)
+    assumptions: List[str]
 
     @property
     def gpus(self) -> int:
@@ -138,7 +138,7 @@ class Forecast:
         return lines + [f"    - {assumption}" for assumption in self.assumptions]
 
 
-def _gathered_bytes(cfg: TrainConfig, flops: TrainingFlops, element_bytes: int) -> tuple:
+def _gathered_bytes(cfg: TrainConfig, flops: TrainingFlops, element_bytes: int) -> Tuple[int, int]:
     """(bytes, modules) that ZeRO-3 gathers: every weight tensor above zero.stage3_param_persistence_threshold
     (smaller ones, the norms and usually LoRA's adapters, stay whole on every rank)."""
     shape, threshold = flops.shape, cfg.zero.stage3_param_persistence_threshold
@@ -167,8 +167,9 @@ def collectives(cfg: TrainConfig, flops: TrainingFlops) -> List[Collective]:
                            "micro-backward" if zero.overlap_comm else "none"), update]
     gathered, modules = _gathered_bytes(cfg, flops, compute_bytes)
     gathers = 3 if cfg.trainer.gradient_checkpointing else 2
-    # Prefetching (stage3_prefetch_bucket_size > 0) fetches the next modules' weights while one computes.
-    prefetched = "micro" if zero.stage3_prefetch_bucket_size > 0 else "none"
+    # DeepSpeed gathers on a stream of their own only with overlap_comm (else on the compute stream), and then
+    # prefetching (stage3_prefetch_bucket_size > 0) fetches the next modules' weights while one computes.
+    prefetched = "micro" if zero.overlap_comm and zero.stage3_prefetch_bucket_size > 0 else "none"
     return [
         Collective("parameter all-gather (forward, backward" + (", recompute)" if gathers == 3 else ")"),
                    gathered, 1, modules, gathers * accumulation, prefetched),
@@ -200,10 +201,9 @@ def forecast(cfg: TrainConfig, nodes: int, gpus_per_node: int, gpu: GpuSpec,
     exposed = (behind("none") + max(0.0, behind("backward") - backward_s)
                + accumulation * max(0.0, per_micro - micro_compute_s, in_backward - backward_s))
     offload_s = _offload_seconds(cfg, flops, gpus, links)
-    result = Forecast(nodes, gpus_per_node, peak, efficiency, tokens_per_gpu * gpus, flops, compute_s,
-                      sum(seconds for _, seconds in timed), exposed, offload_s, steps)
-    result.assumptions = _assumptions(cfg, gpu, efficiency, links)
-    return result
+    return Forecast(nodes, gpus_per_node, peak, efficiency, tokens_per_gpu * gpus, flops, compute_s,
+                    sum(seconds for _, seconds in timed), exposed, offload_s, steps,
+                    _assumptions(cfg, gpu, efficiency, links))
 
 
 def _offload_seconds(cfg: TrainConfig, flops: TrainingFlops, gpus: int, links: Links) -> float:
@@ -226,8 +226,9 @@ def _assumptions(cfg: TrainConfig, gpu: GpuSpec, efficiency: float, links: Links
     overlap = ("gradient reductions overlap the backward (zero.overlap_comm=true)" if zero.overlap_comm
                else "gradient reductions wait for the backward (zero.overlap_comm=false)")
     if zero.stage == 3:
-        overlap += ("; parameter gathers are prefetched behind compute" if zero.stage3_prefetch_bucket_size > 0
-                    else "; parameter gathers are not prefetched")
+        overlap += ("; parameter gathers are prefetched behind compute"
+                    if zero.overlap_comm and zero.stage3_prefetch_bucket_size > 0
+                    else "; parameter gathers share the compute stream (no overlap_comm or no prefetch)")
     lines = [
         f"compute runs at {efficiency:.0%} of the dense {cfg.precision.dtype} peak (model FLOPs per dstrain.flops; "
         f"attention not halved for the causal mask)",

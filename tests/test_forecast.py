@@ -67,3 +67,11 @@ def test_offload_adds_pcie_and_cpu_time():
     plain, offloaded = (forecast(_7b(f"+zero={preset}"), 1, 8, h100) for preset in ("2", "2_offload"))
     assert plain.offload_s == 0 and offloaded.offload_s > 0
     assert any("PCIe" in line for line in offloaded.lines())
+
+
+def test_only_overlap_comm_hides_zero3s_gathers():
+    """DeepSpeed gathers on the compute stream unless zero.overlap_comm is on."""
+    h100 = gpu_spec("h100")
+    serial, overlapped = (forecast(_7b("+zero=3", f"zero.overlap_comm={on}"), 4, 8, h100) for on in ("false", "true"))
+    assert serial.exposed_communication_s == pytest.approx(serial.communication_s)
+    assert overlapped.exposed_communication_s < 0.5 * serial.exposed_communication_s
