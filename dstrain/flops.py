@@ -52,7 +52,8 @@ class ModelShape:
 
     def linears(self) -> Dict[str, Tuple[int, int]]:
         """Every projection of one block: name -> (inputs, outputs)."""
-        d, inner, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        d, inner = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, inner), "up_proj": (d, inner), "down_proj": (inner, d)}
 
@@ -185,6 +186,7 @@ def training_flops(cfg: TrainConfig, shape: Optional[ModelShape] = None) -> Trai
         norms_train = [trained.trains(f"{block}.{norm}") for norm in ("input_layernorm", "post_attention_layernorm")]
         tally.trainable += d * sum(norms_train)
         outputs_need_grad = {}
+        attention_needs_grad = False  # set once q, k and v are known, before o_proj reads it
         for name, (inputs, outputs) in shape.linears().items():
             module = f"{block}.{'self_attn' if name in PROJECTIONS[:4] else 'mlp'}.{name}"
             if name in ("q_proj", "k_proj", "v_proj"):

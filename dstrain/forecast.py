@@ -125,7 +125,8 @@ class Forecast:
             f"{self.exposed_communication_s:.3g} s of it not hidden behind compute",
         ]
         lines += [f"    {c.name}: {c.size_bytes / 1e9:.3g} GB x {c.passes * c.per_step} per step in {c.messages} "
-                  f"message(s) each, {'hidden' if c.hidden_behind != 'none' else 'not hidden'}" for c in self.collectives]
+                  f"message(s) each, {'not hidden' if c.hidden_behind == 'none' else 'hidden'}"
+                  for c in self.collectives]
         if self.offload_s:
             lines.append(f"  offload: {self.offload_s:.3g} s of PCIe transfers and CPU work per step")
         lines += [

@@ -80,17 +80,19 @@ def measured_cpu_tflops(dtype: str) -> float:
     return 2 * _MATMUL_SIZE ** 3 / fastest / 1e12
 
 
-def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Optional[Tuple[float, str]]:
-    """(TFLOP/s of this rank, where the figure comes from), or None for a GPU the table does not know."""
+def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[float], str]:
+    """(TFLOP/s of this rank, where the figure comes from), or (None, the device's name) for a GPU the table
+    does not know."""
     dtype = cfg.precision.dtype
     if cfg.trainer.peak_tflops is not None:
         return cfg.trainer.peak_tflops, "trainer.peak_tflops"
     if device.type == "cpu":
-        return measured_cpu_tflops(dtype), f"the fastest {dtype} matmul timed at start on {torch.get_num_threads()} thread(s) per rank"
+        threads = torch.get_num_threads()
+        return measured_cpu_tflops(dtype), f"the fastest {dtype} matmul timed at start on {threads} thread(s) per rank"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     key = gpu_for_device_name(name)
     if key is None:
-        return None
+        return None, name
     return GPUS[key].peak_tflops(dtype), f"{name} as {key} in dstrain.gpus, {dtype}"
 
 
@@ -99,16 +101,15 @@ def mfu_meter(cfg: TrainConfig, device: torch.device, rank: int) -> Optional[Mfu
     summed in one collective); None, after one log line, where the peak is unknown."""
     flops = training_flops(cfg)
     dist.barrier()
-    found = peak_tflops_per_rank(cfg, device)
+    peak, source = peak_tflops_per_rank(cfg, device)
     # Every rank takes part in the sum; one without a peak gives 0 and makes the total unknown.
-    total, unknown = sum_over_ranks([found[0] if found else 0.0, 0.0 if found else 1.0], device)
+    total, unknown = sum_over_ranks([peak or 0.0, float(peak is None)], device)
     if unknown:
         if rank == 0:
             log.warning("MFU is not logged: this GPU (%s) is not in dstrain.gpus; give its dense %s peak as "
-                        "trainer.peak_tflops=<TFLOP/s per GPU>", torch.cuda.get_device_name(device),
-                        cfg.precision.dtype)
+                        "trainer.peak_tflops=<TFLOP/s per GPU>", source, cfg.precision.dtype)
         return None
     log.info("MFU: %.3g model FLOPs per token (%.3g GFLOP per %d-token sequence) against %.3g TFLOP/s over %d "
              "ranks (%s)", flops.per_token, flops.per_token * cfg.data.seq_len / 1e9, cfg.data.seq_len, total,
-             dist.get_world_size(), found[1])
+             dist.get_world_size(), source)
     return MfuMeter(flops.per_token, total * 1e12)

@@ -37,7 +37,8 @@ def test_full_training_is_six_per_weight_plus_attention():
     cfg = compose(["+model=7b", "data.seq_len=4096"])
     counted = training_flops(cfg)
     shape = counted.shape
-    matmul_weights = shape.parameters() - shape.vocab_size * shape.hidden_size - (2 * shape.num_layers + 1) * shape.hidden_size
+    norms = (2 * shape.num_layers + 1) * shape.hidden_size
+    matmul_weights = shape.parameters() - shape.vocab_size * shape.hidden_size - norms  # the embedding is a lookup
     attention = 6 * 2 * shape.num_layers * 4096 * shape.hidden_size
     assert counted.per_token == 6 * matmul_weights + attention
     assert counted.recompute_per_token == 0
