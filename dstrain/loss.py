@@ -35,13 +35,15 @@ LOSS_CHUNKS = 8
 
 def summed_token_loss(model, batch: Batch, chunks: int = LOSS_CHUNKS) -> torch.Tensor:
     """Cross-entropy summed over the counted positions, computed in fp32 whatever the model's dtype."""
-    hidden = final_hidden_states(model, batch)
     # Position t predicts labels[t + 1]; the last position predicts nothing.
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].to(hidden.device)
-    counted = targets != IGNORE_INDEX
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    # Finding the counted positions waits for the device (their number sets a shape); asked before the
+    # model's forward is queued, the wait is for the batch's copy only, not for the forward.
+    counted = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden = final_hidden_states(model, batch).flatten(0, 1).index_select(0, counted)
     output_layer = model.get_output_embeddings()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for hidden_chunk, target_chunk in zip(hidden[counted].tensor_split(chunks), targets[counted].tensor_split(chunks)):
+    for hidden_chunk, target_chunk in zip(hidden.tensor_split(chunks), targets[counted].tensor_split(chunks)):
         total = total + checkpoint(chunk_loss, output_layer, hidden_chunk, target_chunk, use_reentrant=False,
                                    determinism_check="none")
     return total
