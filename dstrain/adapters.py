@@ -197,7 +197,8 @@ class PromptTuning(PeftLibraryMethod):
     def apply(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
         model = super().apply(model, cfg)
         virtual = cfg.peft.prompt.num_virtual_tokens
-        # peft returns logits for the virtual tokens too; the loss lines logits up with the real tokens' labels.
+        # peft returns logits for the virtual tokens too; whoever reads logits (generation, scoring) gets the real
+        # tokens' only. The loss reads hidden states and drops the virtual tokens' itself (dstrain.loss).
         model.register_forward_hook(lambda module, args, output: drop_leading_logits(output, virtual))
         return model
 

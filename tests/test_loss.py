@@ -99,3 +99,42 @@ def test_an_unevenly_masked_step_is_the_same_however_it_is_split(tmp_path):
         for name, update in whole["updates"].items():
             assert update.abs().max() > 0, f"{name} did not train"
             torch.testing.assert_close(split["updates"][name], update, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _full_logits_loss(model, batch, virtual_tokens: int = 0):
+    """The reference: every position's full-vocabulary logits at once, in fp32, as plain training would."""
+    logits = model(input_ids=batch["input_ids"]).logits[:, virtual_tokens:].float()
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _trained_grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft(kind: str):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    config = (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if kind == "lora"
+              else PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    torch.manual_seed(2)
+    return get_peft_model(_model(), config)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "prompt"])
+@pytest.mark.parametrize("chunks", [1, 5, 200])  # 5 divides no count of positions here; 200 leaves empty chunks
+def test_chunked_loss_and_gradients_equal_the_full_logits_loss(kind, chunks):
+    model = _model() if kind == "full" else _peft(kind)
+    batch = _masked_batches()[1]  # 25 of 32 labels masked per row: 2 x 6 counted positions
+    chunked = summed_token_loss(model, batch, chunks=chunks)
+    chunked_grads = _trained_grads(model, chunked)
+    reference = _full_logits_loss(model, batch, virtual_tokens=3 if kind == "prompt" else 0)
+    reference_grads = _trained_grads(model, reference)
+
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert chunked_grads.keys() == reference_grads.keys() and chunked_grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
