@@ -274,21 +274,16 @@ def run_submit(args: argparse.Namespace) -> None:
 
 
 def print_submitted_plan(overrides: List[str]) -> None:
-    """The memory plan of the job the dry run printed: launcher.nodes x launcher.gpus_per_node ranks, on
-    launcher.gpu_type's GPUs (or CPU ranks with launcher.device=cpu, planned against this machine's RAM)."""
+    """The memory plan of the job the dry run printed, as comments after its script."""
     from dstrain.compose import compose
     from dstrain.model_census import census
-    from dstrain.plan_fit import gpus, report_lines, this_machine
+    from dstrain.plan_fit import launcher_hardware, report_lines
 
     cfg = compose(overrides)
-    launcher = cfg.launcher
-    if launcher.device == "cpu":
-        hardware = this_machine(launcher.gpus_per_node, launcher.nodes)
-    elif launcher.gpu_type is None:
+    hardware = launcher_hardware(cfg.launcher)
+    if hardware is None:
         print("# memory plan: set launcher.gpu_type (a100, h100, ...) to plan against its memory")
         return
-    else:
-        hardware = gpus(launcher.gpu_type, None, launcher.gpus_per_node, launcher.nodes)
     for line in report_lines(cfg, census(cfg), hardware):
         print(f"# {line}")
 
@@ -316,14 +311,6 @@ def add_plan_command(subparsers) -> None:
     parser.set_defaults(handler=run_plan)
 
 
-def positive_int(text: str, option: str) -> int:
-    from dstrain.errors import ConfigError
-
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"{option}={text!r} must be a whole number of at least 1")
-    return int(text)
-
-
 def run_plan(args: argparse.Namespace) -> None:
     import json
 
@@ -333,10 +320,10 @@ def run_plan(args: argparse.Namespace) -> None:
     from dstrain.compose import compose
     from dstrain.deepspeed_config import build_deepspeed_config
     from dstrain.model_census import census
-    from dstrain.plan_fit import gpus, report_lines, this_machine
+    from dstrain.plan_fit import count_option, gpus, report_lines, this_machine
 
-    nodes = positive_int(args.nodes, "--nodes")
-    ranks_per_node = positive_int(args.gpus_per_node, "--gpus-per-node")
+    nodes = count_option(args.nodes, "--nodes")
+    ranks_per_node = count_option(args.gpus_per_node, "--gpus-per-node")
     cfg = compose(args.overrides)
     validate(cfg)
     if args.gpu_type or args.gpu_memory:

@@ -74,6 +74,8 @@ class MemoryPlan:
     available: float
     # "the backward pass", "the optimizer step" or "building": where the peak is.
     peak_phase: str
+    # Whether the buffers are allocated at the first gradient (ZeRO-1/2) rather than with the engine (ZeRO-3).
+    buffers_from_first_gradient: bool
     # Whether fp32_gradients are held throughout (stage 0's accumulators) rather than during the step only.
     fp32_gradients_held: bool
 
@@ -85,8 +87,12 @@ class MemoryPlan:
     def backward_peak(self) -> float:
         """The start of the backward pass: every activation and the loss's memory are live."""
         held_fp32_gradients = self.fp32_gradients if self.fp32_gradients_held else 0.0
-        return (self.model_states + held_fp32_gradients + self.activations + max(self.logits, self.recompute)
-                + self.buffers)
+        if self.buffers_from_first_gradient:
+            # The loss's memory is freed before the first gradient, when the bucket is allocated.
+            after_loss = max(self.logits, self.recompute + self.buffers)
+        else:
+            after_loss = max(self.logits, self.recompute) + self.buffers
+        return self.model_states + held_fp32_gradients + self.activations + after_loss
 
     @property
     def step_peak(self) -> float:
@@ -223,17 +229,18 @@ def logits_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
 
 
 def deepspeed_buffer_bytes(cfg: TrainConfig, params: ParameterCensus) -> float:
-    """DeepSpeed's buckets (elements x bytes): ZeRO-1/2 reduce gradients through one reduce_bucket_size buffer
-    (two with overlap_comm), fp32 at stage 1, 16-bit at stage 2; ZeRO-3 keeps a 16-bit reduce bucket and
-    gathers up to stage3_prefetch_bucket_size elements ahead (at most the model's trainable size)."""
-    zero, width = cfg.zero, bytes_per_element(cfg.precision.dtype)
+    """DeepSpeed's buckets (elements x bytes of the gradient-accumulation dtype, 16-bit unless
+    precision.grad_accum_dtype says fp32): ZeRO-1/2 reduce gradients through one reduce_bucket_size buffer (two
+    with overlap_comm), allocated when the first gradient arrives; ZeRO-3 keeps its reduce bucket from the start
+    and gathers up to stage3_prefetch_bucket_size elements ahead (at most the whole model)."""
+    zero = cfg.zero
+    width = _FP32_BYTES if cfg.precision.grad_accum_dtype == "fp32" else bytes_per_element(cfg.precision.dtype)
     if zero.stage == 0 or not zero.contiguous_gradients and zero.stage < 3:
         return 0.0
     if zero.stage in (1, 2):
-        bucket_width = _FP32_BYTES if zero.stage == 1 else width
-        return (2 if zero.overlap_comm else 1) * zero.reduce_bucket_size * bucket_width
+        return (2 if zero.overlap_comm else 1) * zero.reduce_bucket_size * width
     prefetch = min(zero.stage3_prefetch_bucket_size, params.total)
-    return (zero.reduce_bucket_size + prefetch) * width
+    return (zero.reduce_bucket_size + prefetch) * bytes_per_element(cfg.precision.dtype)
 
 
 def build_bytes(cfg: TrainConfig, params: ParameterCensus, world: int) -> float:
@@ -262,6 +269,7 @@ def plan_memory(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) -
         optimizer_states=states["optimizer_states"], activations=activations, recompute=recompute, logits=logits,
         buffers=buffers, build=build, runtime=hardware.runtime_bytes, host=states["host"],
         available=hardware.device_bytes, peak_phase="", fp32_gradients_held=cfg.zero.stage == 0,
+        buffers_from_first_gradient=cfg.zero.stage in (1, 2),
     )
     phases = {"the backward pass": plan.backward_peak, "the optimizer step": plan.step_peak, "building": build}
     return replace(plan, peak_phase=max(phases, key=phases.get))

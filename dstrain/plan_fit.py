@@ -35,6 +35,12 @@ def parse_size(text: str, option: str) -> float:
     return float(match.group("number")) * _UNITS[unit]
 
 
+def count_option(text: str, option: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"{option}={text!r} must be a whole number of at least 1")
+    return int(text)
+
+
 def this_machine(ranks_per_node: int, nodes: int = 1) -> Hardware:
     """CPU ranks: each gets an equal share of this machine's RAM; the runtime is this process's own resident
     memory (the interpreter, torch and transformers already loaded), which every rank holds too."""
@@ -56,6 +62,17 @@ def gpus(gpu_type: Optional[str], gpu_memory: Optional[str], ranks_per_node: int
         memory = gpu_spec(gpu_type).memory_gb * GB
     return Hardware(device_bytes=memory, host_bytes=host_bytes or 0.0, ranks_per_node=ranks_per_node, nodes=nodes,
                     name=gpu_type or "GPU", runtime_bytes=CUDA_RUNTIME_BYTES)
+
+
+def launcher_hardware(launcher) -> Optional[Hardware]:
+    """The hardware `dstrain submit` asks for: launcher.nodes x launcher.gpus_per_node launcher.gpu_type GPUs,
+    or CPU ranks (launcher.device=cpu, planned against this machine's RAM); None without a GPU type."""
+    if launcher.device == "cpu":
+        return this_machine(launcher.gpus_per_node, launcher.nodes)
+    if launcher.gpu_type is None:
+        return None
+    host = parse_size(launcher.mem, "launcher.mem") if launcher.mem else None
+    return gpus(launcher.gpu_type, None, launcher.gpus_per_node, launcher.nodes, host)
 
 
 def training_hardware(world_size: int) -> Hardware:
