@@ -18,6 +18,8 @@ from dstrain.config import TrainConfig
 from dstrain.model_census import ModelShape, ParameterCensus
 
 GB = 1e9
+# DeepSpeed's stage3_max_live_parameters default: gathered parameters it keeps before releasing any.
+STAGE3_MAX_LIVE_PARAMETERS = 1_000_000_000
 _FP32_BYTES = 4
 
 
@@ -217,7 +219,12 @@ def recompute_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
         return 0.0
     tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
     width = bytes_per_element(cfg.precision.dtype)
-    return tokens * (block_activation_bytes_per_token(cfg, shape) + width * shape.hidden_size)
+    per_token = block_activation_bytes_per_token(cfg, shape) + width * shape.hidden_size
+    if not base_trains(cfg):
+        # Measured: behind a frozen base the MLP's three i-wide gradients are live together with the block's
+        # saved tensors (the adapters' backward runs after the base's, which frees nothing of its own).
+        per_token += 3 * width * shape.intermediate_size
+    return tokens * per_token
 
 
 def logits_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
@@ -231,8 +238,10 @@ def logits_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
 def deepspeed_buffer_bytes(cfg: TrainConfig, params: ParameterCensus) -> float:
     """DeepSpeed's buckets (elements x bytes of the gradient-accumulation dtype, 16-bit unless
     precision.grad_accum_dtype says fp32): ZeRO-1/2 reduce gradients through one reduce_bucket_size buffer (two
-    with overlap_comm), allocated when the first gradient arrives; ZeRO-3 keeps its reduce bucket from the start
-    and gathers up to stage3_prefetch_bucket_size elements ahead (at most the whole model)."""
+    with overlap_comm), allocated when the first gradient arrives. ZeRO-3 keeps its reduce bucket from the start,
+    gathers up to stage3_prefetch_bucket_size elements ahead, and keeps gathered parameters live up to
+    stage3_max_live_parameters (DeepSpeed's default, 1e9 elements, which dstrain leaves) when they are used again
+    soon, as every parameter is between the forward and the backward pass: at most the whole model."""
     zero = cfg.zero
     width = _FP32_BYTES if cfg.precision.grad_accum_dtype == "fp32" else bytes_per_element(cfg.precision.dtype)
     if zero.stage == 0 or not zero.contiguous_gradients and zero.stage < 3:
@@ -240,7 +249,8 @@ def deepspeed_buffer_bytes(cfg: TrainConfig, params: ParameterCensus) -> float:
     if zero.stage in (1, 2):
         return (2 if zero.overlap_comm else 1) * zero.reduce_bucket_size * width
     prefetch = min(zero.stage3_prefetch_bucket_size, params.total)
-    return (zero.reduce_bucket_size + prefetch) * bytes_per_element(cfg.precision.dtype)
+    gathered = min(STAGE3_MAX_LIVE_PARAMETERS, params.total)
+    return (zero.reduce_bucket_size + prefetch + gathered) * bytes_per_element(cfg.precision.dtype)
 
 
 def build_bytes(cfg: TrainConfig, params: ParameterCensus, world: int) -> float:

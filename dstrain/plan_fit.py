@@ -9,7 +9,7 @@ from typing import List, Optional
 from dstrain.config import TrainConfig
 from dstrain.errors import ConfigError
 from dstrain.model_census import ParameterCensus
-from dstrain.plan import GB, Hardware, MemoryPlan, plan_memory
+from dstrain.plan import GB, STAGE3_MAX_LIVE_PARAMETERS, Hardware, MemoryPlan, plan_memory
 
 # A CUDA context with cuBLAS and NCCL workspaces: about 1 GB on current GPUs (it is outside PyTorch's allocator).
 CUDA_RUNTIME_BYTES = 1.0 * GB
@@ -61,7 +61,7 @@ def gpus(gpu_type: Optional[str], gpu_memory: Optional[str], ranks_per_node: int
     else:
         memory = gpu_spec(gpu_type).memory_gb * GB
     return Hardware(device_bytes=memory, host_bytes=host_bytes or 0.0, ranks_per_node=ranks_per_node, nodes=nodes,
-                    name=gpu_type or "GPU", runtime_bytes=CUDA_RUNTIME_BYTES)
+                    name=gpu_type or "", runtime_bytes=CUDA_RUNTIME_BYTES)
 
 
 def launcher_hardware(launcher) -> Optional[Hardware]:
@@ -168,7 +168,8 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
     stage, dtype = cfg.zero.stage, cfg.precision.dtype
     where = (f"{hardware.ranks_per_node} CPU rank(s) sharing this machine's {gb(hardware.host_bytes)} of RAM"
              if hardware.on_cpu else
-             f"{hardware.nodes} node(s) x {hardware.ranks_per_node} {hardware.name} GPU(s) of {gb(hardware.device_bytes)}")
+             f"{hardware.nodes} node(s) x {hardware.ranks_per_node} {(hardware.name + ' ') if hardware.name else ''}GPU(s) "
+             f"of {gb(hardware.device_bytes)}")
     per_param = plan.model_states * hardware.world_size / params.total if params.total else 0.0
     lines = [
         f"memory per rank: {where}; ZeRO-{stage}, {dtype}, peft.method={cfg.peft.method}",
@@ -189,7 +190,8 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
     lines += [
         f"  logits and loss       {gb(plan.logits)} (fp32 log-probabilities and their gradients)",
         f"  DeepSpeed buffers     {gb(plan.buffers)} (reduce bucket {cfg.zero.reduce_bucket_size:,} elements"
-        + (f", prefetch {cfg.zero.stage3_prefetch_bucket_size:,}" if stage == 3 else "") + ")",
+        + (f", prefetch {cfg.zero.stage3_prefetch_bucket_size:,}, gathered parameters up to "
+           f"{STAGE3_MAX_LIVE_PARAMETERS:,}" if stage == 3 else "") + ")",
         f"  = peak in tensors     {gb(plan.tensor_peak)} (in {plan.peak_phase}; backward "
         f"{gb(plan.backward_peak)}, optimizer step {gb(plan.step_peak)}, building in fp32 {gb(plan.build)})",
         f"  runtime               {gb(plan.runtime)} ("
