@@ -78,6 +78,8 @@ class MemoryPlan:
     peak_phase: str
     # Whether the buffers are allocated at the first gradient (ZeRO-1/2) rather than with the engine (ZeRO-3).
     buffers_from_first_gradient: bool
+    # Whether the 16-bit gradients exist before the backward pass (ZeRO-3's flat partition buffer).
+    gradients_preallocated: bool
     # Whether fp32_gradients are held throughout (stage 0's accumulators) rather than during the step only.
     fp32_gradients_held: bool
 
@@ -89,12 +91,14 @@ class MemoryPlan:
     def backward_peak(self) -> float:
         """The start of the backward pass: every activation and the loss's memory are live."""
         held_fp32_gradients = self.fp32_gradients if self.fp32_gradients_held else 0.0
+        # Below ZeRO-3 the 16-bit gradients are made during the backward pass, as activations are freed.
+        not_yet_made = 0.0 if self.gradients_preallocated else self.gradients
         if self.buffers_from_first_gradient:
             # The loss's memory is freed before the first gradient, when the bucket is allocated.
             after_loss = max(self.logits, self.recompute + self.buffers)
         else:
             after_loss = max(self.logits, self.recompute) + self.buffers
-        return self.model_states + held_fp32_gradients + self.activations + after_loss
+        return self.model_states - not_yet_made + held_fp32_gradients + self.activations + after_loss
 
     @property
     def step_peak(self) -> float:
@@ -279,7 +283,7 @@ def plan_memory(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) -
         optimizer_states=states["optimizer_states"], activations=activations, recompute=recompute, logits=logits,
         buffers=buffers, build=build, runtime=hardware.runtime_bytes, host=states["host"],
         available=hardware.device_bytes, peak_phase="", fp32_gradients_held=cfg.zero.stage == 0,
-        buffers_from_first_gradient=cfg.zero.stage in (1, 2),
+        buffers_from_first_gradient=cfg.zero.stage in (1, 2), gradients_preallocated=cfg.zero.stage == 3,
     )
     phases = {"the backward pass": plan.backward_peak, "the optimizer step": plan.step_peak, "building": build}
     return replace(plan, peak_phase=max(phases, key=phases.get))

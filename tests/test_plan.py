@@ -78,9 +78,10 @@ SHAPES = {
     "125m": ("data.seq_len=256", "trainer.micro_batch_size=4"),
 }
 MATRIX = list(itertools.product(["tiny", "125m"], ["0", "1", "2", "3"], [False, True], ["none", "lora"]))
-# The default run's cells: every ZeRO stage, checkpointing on and off, full and LoRA, both models.
-DEFAULT_CELLS = [("tiny", "0", False, "none"), ("tiny", "1", True, "lora"), ("tiny", "3", True, "none"),
-                 ("125m", "2", False, "lora")]
+# The default run's cells: every ZeRO stage, checkpointing on and off, full and LoRA, on the tiny model (a 125m
+# cell takes minutes on 2 shared cores; the release matrix has them).
+DEFAULT_CELLS = [("tiny", "0", False, "none"), ("tiny", "1", True, "lora"), ("tiny", "2", False, "lora"),
+                 ("tiny", "3", True, "none")]
 TOLERANCE = 0.15
 
 
