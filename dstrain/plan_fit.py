@@ -166,10 +166,10 @@ def gb(value: float) -> str:
 def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, plan: MemoryPlan) -> List[str]:
     """The plan, one line per term, per rank."""
     stage, dtype = cfg.zero.stage, cfg.precision.dtype
+    gpu = f"{hardware.name} GPU(s)" if hardware.name else "GPU(s)"
     where = (f"{hardware.ranks_per_node} CPU rank(s) sharing this machine's {gb(hardware.host_bytes)} of RAM"
              if hardware.on_cpu else
-             f"{hardware.nodes} node(s) x {hardware.ranks_per_node} {(hardware.name + ' ') if hardware.name else ''}GPU(s) "
-             f"of {gb(hardware.device_bytes)}")
+             f"{hardware.nodes} node(s) x {hardware.ranks_per_node} {gpu} of {gb(hardware.device_bytes)}")
     per_param = plan.model_states * hardware.world_size / params.total if params.total else 0.0
     lines = [
         f"memory per rank: {where}; ZeRO-{stage}, {dtype}, peft.method={cfg.peft.method}",
