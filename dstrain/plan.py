@@ -172,7 +172,8 @@ def block_activation_bytes_per_token(cfg: TrainConfig, shape: ModelShape) -> flo
     """Bytes one Llama block keeps for its backward pass, per token (transformers 5, PyTorch autograd).
     Always: each RMSNorm's fp32 copy of its input (2 x 4h); the attention kernel's queries, keys, values and
     output (h + 2kv + h); SiLU's input, its output and the up projection's output (3i). A trained base also keeps
-    each norm's normalised output (2 x h) and every linear layer's input (3h + i). LoRA keeps each adapter's
+    each norm's normalised output (2 x h) and every linear layer's input (3h + i); a frozen one the linear
+    inputs too under ZeRO-3. LoRA keeps each adapter's
     input (its own dropout output and mask when lora.dropout > 0) and its rank-r middle. Eager attention keeps
     its fp32 softmax and 16-bit probabilities, heads x seq_len per token; fused kernels (sdpa, flash) only a
     log-sum-exp per head."""
@@ -182,7 +183,10 @@ def block_activation_bytes_per_token(cfg: TrainConfig, shape: ModelShape) -> flo
     per_token = 2 * _FP32_BYTES * h + width * (2 * h + 2 * kv + 3 * i)
     if base_trains(cfg):
         per_token += width * (2 * h + 3 * h + i)
-    elif cfg.peft.method in ("lora", "qlora"):
+    elif cfg.zero.stage == 3:
+        # ZeRO-3 replaces F.linear with its own autograd function, which saves the input even of a frozen weight.
+        per_token += width * (3 * h + i)
+    if not base_trains(cfg) and cfg.peft.method in ("lora", "qlora"):
         targets = [name for name in _BLOCK_LINEARS if name in set(cfg.peft.lora.target_modules)]
         if cfg.peft.lora.dropout > 0:
             per_token += sum((width + 1) * sizes[_BLOCK_LINEARS[name]] for name in targets)

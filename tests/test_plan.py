@@ -121,8 +121,8 @@ def test_the_plan_is_within_15_percent_of_the_measured_peak(tmp_path, cell):
     check_cell(tmp_path, cell)
 
 
-# Measured under plan: ZeRO-3 with LoRA keeps about 3-4 KB per token per block more than the plan counts (tiny
-# -33%, 125m -24%); where it comes from (DeepSpeed's ZeRO-3 linear wrapper is the suspect) is not found yet.
+# Measured under plan: ZeRO-3 with LoRA keeps about 2-3 KB per token per block more than the plan counts (tiny
+# -25% and -29%, 125m -19%), from a cause not found yet.
 ZERO3_LORA_GAP = pytest.mark.xfail(strict=True, reason="ZeRO-3 with LoRA: activations under-planned (README)")
 
 
