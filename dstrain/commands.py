@@ -6,6 +6,7 @@
     dstrain generate MODEL (--prompt TEXT | --chat) [--int8] [--temperature T] [--top-k K] [--top-p P] ...
     dstrain serve MODEL [--host HOST] [--port PORT] [--queue-size N] [--request-timeout S] [--int8]
     dstrain submit [--dry-run] [OVERRIDE ...]
+    dstrain plan [OVERRIDE ...] [--nodes M] [--gpus-per-node N] [--gpu-memory 80GB] [--gpu-type h100]
     dstrain report RUN_DIR
 
 Each subcommand is an `add_<name>_command(subparsers)` that registers its arguments and its handler; the
@@ -268,6 +269,77 @@ def run_submit(args: argparse.Namespace) -> None:
     from dstrain.slurm import submit
 
     submit(args.overrides, dry_run=args.dry_run)
+    if args.dry_run:
+        print_submitted_plan(args.overrides)
+
+
+def print_submitted_plan(overrides: List[str]) -> None:
+    """The memory plan of the job the dry run printed, as comments after its script."""
+    from dstrain.compose import compose
+    from dstrain.model_census import census
+    from dstrain.plan_fit import launcher_hardware, report_lines
+
+    cfg = compose(overrides)
+    hardware = launcher_hardware(cfg.launcher)
+    if hardware is None:
+        print("# memory plan: set launcher.gpu_type (a100, h100, ...) to plan against its memory")
+        return
+    for line in report_lines(cfg, census(cfg), hardware):
+        print(f"# {line}")
+
+
+def add_plan_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="a run's memory per rank, the largest micro-batch that fits and what would make it fit",
+        description=(
+            "Compose and check the config from the same overrides as launch/train.py, count the model's "
+            "parameters on the meta device (nothing large is built) and print the DeepSpeed config, the batch "
+            "arithmetic and the memory plan per rank: weights, gradients and optimizer states under the ZeRO "
+            "stage, activations, logits, DeepSpeed's buffers, runtime and headroom; then the largest "
+            "micro-batch that fits and, for a job that does not fit, the settings that would make it fit. "
+            "Without --gpu-type or --gpu-memory on a machine without GPUs it plans CPU ranks sharing this "
+            "machine's RAM, --gpus-per-node of them."
+        ),
+    )
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. +model=7b +zero=3")
+    parser.add_argument("--nodes", default="1", metavar="M", help="nodes (default 1)")
+    parser.add_argument("--gpus-per-node", default="1", metavar="N",
+                        help="ranks per node, one GPU each (CPU ranks without GPUs; default 1)")
+    parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU: 80GB, 80G, 141GiB")
+    parser.add_argument("--gpu-type", metavar="NAME", help="a GPU of dstrain's table (h100, a100, ...): its memory")
+    parser.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from dstrain.checks import validate
+    from dstrain.compose import compose
+    from dstrain.deepspeed_config import build_deepspeed_config
+    from dstrain.model_census import census
+    from dstrain.plan_fit import count_option, gpus, report_lines, this_machine
+
+    nodes = count_option(args.nodes, "--nodes")
+    ranks_per_node = count_option(args.gpus_per_node, "--gpus-per-node")
+    cfg = compose(args.overrides)
+    validate(cfg)
+    if args.gpu_type or args.gpu_memory:
+        hardware = gpus(args.gpu_type, args.gpu_memory, ranks_per_node, nodes)
+    elif torch.cuda.is_available():
+        memory = f"{torch.cuda.get_device_properties(0).total_memory}B"
+        hardware = gpus(torch.cuda.get_device_name(0), memory, ranks_per_node, nodes)
+    else:
+        hardware = this_machine(ranks_per_node, nodes)
+        print(f"no GPU here and no --gpu-type/--gpu-memory: planning {ranks_per_node} CPU rank(s) per node "
+              f"(--gpus-per-node) on this machine's RAM")
+    world_size = nodes * ranks_per_node
+    print(f"DeepSpeed config (world size {world_size}):")
+    print(json.dumps(build_deepspeed_config(cfg, world_size), indent=2))
+    for line in report_lines(cfg, census(cfg), hardware):
+        print(line)
 
 
 def add_report_command(subparsers) -> None:
@@ -301,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(subparsers)
     add_serve_command(subparsers)
     add_submit_command(subparsers)
+    add_plan_command(subparsers)
     add_report_command(subparsers)
     return parser
 

@@ -137,6 +137,7 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         ds_config["train_batch_size"], cfg.data.seq_len, cfg.trainer.micro_batch_size,
         cfg.trainer.gradient_accumulation_steps, world_size,
     )
+    check_memory_plan(cfg, world_size)
     tokenizer = build_tokenizer(cfg)
     fingerprint = from_rank_zero(rank, lambda: data_fingerprint(cfg, tokenizer))
     with rank_zero_first(rank):
@@ -168,6 +169,20 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         replace(state, tracker_run_id=metrics.tracker_run_id, mlflow_run_id=metrics.mlflow_run_id),
         mfu_meter(cfg, local_device(), rank),
     )
+
+
+def check_memory_plan(cfg: TrainConfig, world_size: int) -> None:
+    """Plan the run's memory before anything is built (dstrain.plan), and stop with the plan and the fix when it
+    clearly does not fit, rather than be killed for memory minutes later."""
+    from dstrain.model_census import census
+    from dstrain.plan import plan_memory
+    from dstrain.plan_fit import check_fits, gb, training_hardware
+
+    params, hardware = census(cfg), training_hardware(world_size)
+    plan = plan_memory(cfg, params, hardware)
+    log.info("memory plan per rank: %s of %s (peak in tensors %s in %s; `dstrain plan` for the details)",
+             gb(plan.total), gb(plan.available), gb(plan.tensor_peak), plan.peak_phase)
+    check_fits(cfg, params, hardware)
 
 
 def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, rank: int, world_size: int,
