@@ -307,7 +307,11 @@ def add_plan_command(subparsers) -> None:
     parser.add_argument("--gpus-per-node", default="1", metavar="N",
                         help="ranks per node, one GPU each (CPU ranks without GPUs; default 1)")
     parser.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU: 80GB, 80G, 141GiB")
-    parser.add_argument("--gpu-type", metavar="NAME", help="a GPU of dstrain's table (h100, a100, ...): its memory")
+    parser.add_argument("--gpu-type", metavar="NAME",
+                        help="a GPU of dstrain's table (h100, a100, ...): its memory, peak and links")
+    parser.add_argument("--peak-tflops", metavar="TFLOPS",
+                        help="one rank's dense peak for the forecast, where the table has none (a PCIe card) or on a "
+                             "CPU instead of a matmul timed here")
     parser.set_defaults(handler=run_plan)
 
 
@@ -320,10 +324,11 @@ def run_plan(args: argparse.Namespace) -> None:
     from dstrain.compose import compose
     from dstrain.deepspeed_config import build_deepspeed_config
     from dstrain.model_census import census
-    from dstrain.plan_fit import count_option, gpus, report_lines, this_machine
+    from dstrain.plan_fit import count_option, gpus, positive_number, report_lines, this_machine
 
     nodes = count_option(args.nodes, "--nodes")
     ranks_per_node = count_option(args.gpus_per_node, "--gpus-per-node")
+    peak_tflops = None if args.peak_tflops is None else positive_number(args.peak_tflops, "--peak-tflops")
     cfg = compose(args.overrides)
     validate(cfg)
     if args.gpu_type or args.gpu_memory:
@@ -338,7 +343,7 @@ def run_plan(args: argparse.Namespace) -> None:
     world_size = nodes * ranks_per_node
     print(f"DeepSpeed config (world size {world_size}):")
     print(json.dumps(build_deepspeed_config(cfg, world_size), indent=2))
-    for line in report_lines(cfg, census(cfg), hardware):
+    for line in report_lines(cfg, census(cfg), hardware, peak_tflops):
         print(line)
 
 

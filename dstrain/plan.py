@@ -236,11 +236,18 @@ def recompute_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
 
 
 def logits_bytes(cfg: TrainConfig, shape: ModelShape) -> float:
-    """The loss's memory at its peak, inside cross-entropy's backward: the fp32 log-probabilities it saved,
-    the gradient arriving at them and the gradient it returns, all fp32 (dstrain.loss computes in fp32 whatever
-    the model's dtype; the 16-bit logits are freed once copied). A chunked loss would change this term."""
+    """The loss's memory at its peak (dstrain.loss): the final hidden states of the counted positions, kept for
+    the output layer's recomputation, with their gradient, and one chunk of positions recomputed in the backward
+    pass: its logits in the model's dtype, their fp32 copy, the log-probabilities cross-entropy saves and the
+    gradients that pass back through them. Every position is counted as counting (plain text); masked prompts
+    make it smaller."""
+    from dstrain.loss import LOSS_CHUNKS
+
     tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    return tokens * shape.vocab_size * 3 * _FP32_BYTES
+    width = bytes_per_element(cfg.precision.dtype)
+    chunk = -(-tokens // LOSS_CHUNKS)
+    fp32_copies = 3 if width == _FP32_BYTES else 4
+    return 2 * tokens * shape.hidden_size * width + chunk * shape.vocab_size * (fp32_copies * _FP32_BYTES + width)
 
 
 def deepspeed_buffer_bytes(cfg: TrainConfig, params: ParameterCensus) -> float:

@@ -2,6 +2,7 @@
 largest micro-batch that fits, the settings that would make a job fit, the lines `dstrain plan` prints, and the
 check training makes before it builds anything."""
 
+import math
 import re
 from dataclasses import replace
 from typing import List, Optional
@@ -39,6 +40,16 @@ def count_option(text: str, option: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ConfigError(f"{option}={text!r} must be a whole number of at least 1")
     return int(text)
+
+
+def positive_number(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{option}={text!r} must be a number above 0")
+    return value
 
 
 def this_machine(ranks_per_node: int, nodes: int = 1) -> Hardware:
@@ -188,7 +199,7 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
     if cfg.trainer.gradient_checkpointing:
         lines.append(f"  one block recomputed  {gb(plan.recompute)} (backward; counted when above the logits)")
     lines += [
-        f"  logits and loss       {gb(plan.logits)} (fp32 log-probabilities and their gradients)",
+        f"  logits and loss       {gb(plan.logits)} (the counted positions' hidden states; one chunk's logits, fp32, and gradients)",
         f"  DeepSpeed buffers     {gb(plan.buffers)} (reduce bucket {cfg.zero.reduce_bucket_size:,} elements"
         + (f", prefetch {cfg.zero.stage3_prefetch_bucket_size:,}, gathered parameters up to "
            f"{STAGE3_MAX_LIVE_PARAMETERS:,}" if stage == 3 else "") + ")",
@@ -206,9 +217,10 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
     return lines
 
 
-def report_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) -> List[str]:
+def report_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware,
+                 peak_tflops: Optional[float] = None) -> List[str]:
     """What `dstrain plan` prints after the DeepSpeed config: the batch arithmetic, the memory plan, the
-    largest micro-batch that fits and, for a job that does not fit, the fixes."""
+    largest micro-batch that fits, for a job that does not fit the fixes, and the step-time forecast."""
     trainer, world = cfg.trainer, hardware.world_size
     global_batch = trainer.micro_batch_size * trainer.gradient_accumulation_steps * world
     lines = [
@@ -223,8 +235,33 @@ def report_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) 
     if not plan.fits:
         found = fixes(cfg, params, hardware)
         lines.append("to fit: " + (" | or ".join(found) if found else "no setting dstrain knows of makes it fit"))
-    # The step-time and MFU forecast for these nodes (dstrain.forecast: Forecast.lines()) is printed here.
-    return lines
+    return lines + forecast_lines(cfg, hardware, peak_tflops)
+
+
+# CPU ranks exchange gradients through gloo: shared memory inside a machine, TCP between machines (10 GbE).
+CPU_LINKS_GBPS = {"intra_node_gbps": 5.0, "inter_node_gbps": 1.25}
+
+
+def forecast_lines(cfg: TrainConfig, hardware: Hardware, peak_tflops: Optional[float]) -> List[str]:
+    """The step-time and MFU forecast (dstrain.forecast) on the plan's nodes, from the GPU table's peak and links,
+    a given peak, or on a CPU a matmul timed here and shared by the node's ranks."""
+    from dstrain.forecast import forecast
+    from dstrain.gpus import GPUS, GpuSpec
+    from dstrain.mfu import measured_cpu_tflops
+
+    spec = GPUS.get(hardware.name.lower())
+    if hardware.on_cpu:
+        per_rank = peak_tflops or measured_cpu_tflops(cfg.precision.dtype) / hardware.ranks_per_node
+        spec = GpuSpec(hardware.device_bytes / GB, per_rank, per_rank, **CPU_LINKS_GBPS)
+    elif peak_tflops is not None:
+        links = ({"intra_node_gbps": spec.intra_node_gbps, "inter_node_gbps": spec.inter_node_gbps} if spec else
+                 {"intra_node_gbps": GPUS["h100"].intra_node_gbps, "inter_node_gbps": GPUS["h100"].inter_node_gbps})
+        spec = GpuSpec(hardware.device_bytes / GB, peak_tflops, peak_tflops, **links)
+    if spec is None:
+        known = f"{hardware.name} is not in dstrain.gpus" if hardware.name else "no GPU type given"
+        return [f"forecast: {known}; give --gpu-type (one of {sorted(GPUS)}) or --peak-tflops for a step-time and "
+                f"MFU forecast"]
+    return forecast(cfg, hardware.nodes, hardware.ranks_per_node, spec).lines()
 
 
 def check_fits(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) -> None:

@@ -155,6 +155,24 @@ def test_70b_on_64_gpus_prints_the_zero_papers_bytes_per_parameter(tmp_path):
     # that stay whole, a few MB).
     assert states == pytest.approx(16 * parameters / 64 / 1e9, abs=0.02)
     assert "headroom" in out and "largest micro-batch that fits:" in out
+    assert "forecast: no GPU type given; give --gpu-type" in out
+
+
+def test_with_a_gpu_type_the_plan_ends_with_the_step_time_forecast(tmp_path):
+    done = _dstrain(tmp_path, "plan", "+model=70b", "+zero=3", "+precision=bf16", "data.seq_len=4096",
+                    "trainer.micro_batch_size=1", "--nodes", "8", "--gpus-per-node", "8", "--gpu-type", "h100")
+    assert done.returncode == 0, done.stderr
+    forecast = done.stdout[done.stdout.index("forecast for 8 node(s) x 8 GPUs = 64 GPUs"):]
+    assert "at 50% of 989 TFLOP/s per GPU" in forecast and "assumptions:" in forecast
+    assert 0 < float(re.search(r"MFU ([\d.]+)", forecast).group(1)) <= 0.5
+
+
+def test_on_a_cpu_the_forecast_uses_a_given_or_a_timed_peak(tmp_path):
+    given = _dstrain(tmp_path, "plan", "--gpus-per-node", "2", "--peak-tflops", "0.5")
+    assert given.returncode == 0, given.stderr
+    assert "at 50% of 0.5 TFLOP/s per GPU" in given.stdout
+    timed = _dstrain(tmp_path, "plan", "--gpus-per-node", "2")
+    assert float(re.search(r"at 50% of ([\d.e+-]+) TFLOP/s per GPU", timed.stdout).group(1)) > 0
 
 
 def test_a_job_that_does_not_fit_gets_the_fix(tmp_path):
@@ -167,7 +185,8 @@ def test_a_job_that_does_not_fit_gets_the_fix(tmp_path):
 
 @pytest.mark.parametrize("args,option", [(["--gpu-memory", "lots"], "--gpu-memory"), (["--nodes", "0"], "--nodes"),
                                          (["--gpus-per-node", "x"], "--gpus-per-node"),
-                                         (["--gpu-type", "tpu"], "--gpu-type")])
+                                         (["--gpu-type", "tpu"], "--gpu-type"),
+                                         (["--peak-tflops", "-1"], "--peak-tflops")])
 def test_a_bad_option_is_one_line_naming_it(tmp_path, args, option):
     done = _dstrain(tmp_path, "plan", *args)
     assert done.returncode == 2
@@ -203,5 +222,6 @@ def test_submit_dry_run_prints_the_plan_after_the_script(tmp_path):
     script, plan = done.stdout.split("# batch:", 1)
     assert "#SBATCH --nodes=8" in script
     assert "8 node(s) x 8 h100 GPU(s) of 80.00 GB" in plan and "#   = model states" in plan
+    assert "# forecast for 8 node(s) x 8 GPUs = 64 GPUs" in plan
     syntax = subprocess.run(["bash", "-n"], input=done.stdout, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
