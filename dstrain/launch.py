@@ -1,5 +1,10 @@
 """What `launch/train.py` runs: argv clean-up for the launchers, Hydra's main, and one exit code per outcome
-(dstrain.errors.ExitCode)."""
+(dstrain.errors.ExitCode).
+
+Hydra prints its own composition errors (an unknown key or group option, a wrong type, a bad override, an
+interpolation that does not resolve) over several lines and exits 1, which job scripts read as "requeue".
+`main` has Hydra raise them instead (HYDRA_FULL_ERROR), and ends each as one line with ExitCode.CONFIG, as every
+other config error; this covers every job that a multirun composes too."""
 
 import hashlib
 import os
@@ -10,12 +15,14 @@ from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dstrain.compose import CONF_DIR, normalize_argv, register
+from dstrain.compose import CONF_DIR, normalize_argv, one_line, register
 from dstrain.config import TrainConfig
 from dstrain.distributed import global_rank
-from dstrain.errors import DstrainError, ExitCode
+from dstrain.errors import ConfigError, DstrainError, ExitCode
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -94,4 +101,13 @@ def main() -> None:
     argv = with_override(argv, "hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     register()
-    _hydra_main()
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        # OmegaConf's own errors come from resolving an interpolation (${...}) of the composed config.
+        if wants_traceback:
+            raise
+        print(f"dstrain: {ConfigError.kind}: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(ConfigError.exit_code)
