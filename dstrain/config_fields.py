@@ -84,7 +84,8 @@ def check_ranges(node, prefix: str = "") -> None:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not bounds.contains(item):
                 where = f"{key}={list(value)}: {item!r}" if isinstance(value, (list, tuple)) else f"{key}={item!r}"
-                raise ConfigError(f"{where} must be {bounds}")
+                finite = "" if math.isfinite(item) else "a finite number "
+                raise ConfigError(f"{where} must be {finite}{bounds}")
 
 
 def range_table(schema) -> str:
