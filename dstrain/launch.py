@@ -95,6 +95,24 @@ def with_override(argv: List[str], override: str) -> List[str]:
     return [*argv[:first], override, *argv[first:]]
 
 
+def check_sweep(argv: List[str]) -> None:
+    """Under -m, compose and check every job of the sweep before the first one starts, so that a value out of
+    range in the last job does not wait for the others to train. Hydra itself composes them all up front but
+    checks only keys and types; other sweepers (hydra/sweeper=...) choose their values as they go."""
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    if not {"-m", "--multirun"} & set(argv) or any(arg.startswith("hydra/sweeper=") for arg in overrides):
+        return
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dstrain.checks import validate
+    from dstrain.compose import compose
+
+    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), max_batch_size=None)
+    for job in jobs:
+        validate(compose(job))
+
+
 def main() -> None:
     argv = with_sweep_group(with_sweep_run_names(normalize_argv(sys.argv[1:])))
     # The trainer saves the composed config once it holds the run directory (compose.save_run_config).
@@ -104,7 +122,11 @@ def main() -> None:
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        check_sweep(argv)
         _hydra_main()
+    except ConfigError as error:
+        print(f"dstrain: {error.kind}: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
     except (CompactHydraException, OmegaConfBaseException) as error:
         # OmegaConf's own errors come from resolving an interpolation (${...}) of the composed config.
         if wants_traceback:

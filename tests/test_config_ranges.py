@@ -165,13 +165,15 @@ def test_train_refuses_an_out_of_range_value_in_seconds_before_any_process_group
         (["optim.lr=[1,"], ["optim.lr=[1,: "]),
         (["trainer.max_steps=1.5"], ["trainer.max_steps=1.5", "could not be converted to Integer"]),
         (["-m", "optim.lr=1e-3,abc"], ["optim.lr=abc", "could not be converted to Float"]),
+        (["-m", "optim.lr=1e-3,-1"], ["optim.lr=-1.0 must be above 0"]),
     ],
-    ids=["unknown key", "unknown group option", "override syntax", "wrong type", "multirun job"],
+    ids=["unknown key", "unknown group option", "override syntax", "wrong type", "sweep type", "sweep range"],
 )
 def test_train_refuses_a_composition_error_with_exit_2_and_one_line(tmp_path, args, names):
     completed = run(str(REPO / "launch" / "train.py"), *args, f"run.root={tmp_path}", cwd=tmp_path)
     line = the_one_line(completed)
     assert all(name in line for name in names), line
+    # Every job of a sweep is checked before the first one starts.
     assert not [path for path in tmp_path.iterdir() if path.is_dir()], "no job's directory before the error"
 
 
