@@ -1,5 +1,6 @@
 """The checks a composed config passes before any process group or model exists: every named choice and every
-numeric range declared in the schema (dstrain.config_fields), then the combinations that cannot work. Each failure is one ConfigError naming the key and the fix."""
+numeric range declared in the schema (dstrain.config_fields), then the combinations that cannot work. Each
+failure is one ConfigError naming the key and the fix."""
 
 import importlib
 from dataclasses import fields, is_dataclass

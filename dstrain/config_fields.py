@@ -33,7 +33,6 @@ class Range:
         # Written so that NaN fails every bound; inf is refused too, as no setting here means "infinite".
         return (
             isinstance(value, (int, float))
-            and not isinstance(value, bool)
             and math.isfinite(value)
             and (self.above is None or value > self.above)
             and (self.at_least is None or value >= self.at_least)
@@ -84,7 +83,7 @@ def check_ranges(node, prefix: str = "") -> None:
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not bounds.contains(item):
                 where = f"{key}={list(value)}: {item!r}" if isinstance(value, (list, tuple)) else f"{key}={item!r}"
-                finite = "" if math.isfinite(item) else "a finite number "
+                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
                 raise ConfigError(f"{where} must be {finite}{bounds}")
 
 
