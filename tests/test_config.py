@@ -399,7 +399,7 @@ def test_multirun_through_entry_point_composes_both_jobs(tmp_path):
 
 def test_unknown_key_is_rejected_by_entry_point(tmp_path):
     completed = run_entry(tmp_path, "model.bogus=1", "--cfg", "job")
-    assert completed.returncode != 0
+    assert completed.returncode == 2
     output = completed.stdout + completed.stderr
     assert "bogus" in output
     assert "Key 'bogus' not in 'ModelConfig'" in output
