@@ -1,10 +1,12 @@
-"""The checks a composed config passes before any process group or model exists: every named choice, then
-the combinations that cannot work. Each failure is one ConfigError naming the key and the fix."""
+"""The checks a composed config passes before any process group or model exists: every named choice and every
+numeric range declared in the schema (dstrain.config_fields), then the combinations that cannot work. Each
+failure is one ConfigError naming the key and the fix."""
 
 import importlib
 from dataclasses import fields, is_dataclass
 
 from dstrain.config import PrecisionConfig, TrainConfig
+from dstrain.config_fields import check_ranges
 from dstrain.data_config import check_split_ratios
 from dstrain.errors import ConfigError
 
@@ -37,6 +39,7 @@ def validate(cfg: TrainConfig) -> None:
     from dstrain.evaluation import EVALUATORS
 
     check_choices(cfg)
+    check_ranges(cfg)
     for metric in cfg.trainer.eval_metrics:
         if metric not in EVALUATORS.names():
             raise ConfigError(f"trainer.eval_metrics: {metric!r} is not one of {EVALUATORS.names()}")
@@ -70,17 +73,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("zero.offload_optimizer needs ZeRO stage 1, 2 or 3. Use +zero=2_offload.")
 
     trainer = cfg.trainer
-    for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_consecutive_skips"):
-        if getattr(trainer, key) < 1:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be at least 1")
-    for key in ("eval_every", "save_every"):
-        if getattr(trainer, key) < 0:
-            raise ConfigError(f"trainer.{key}={getattr(trainer, key)} must be 0 (off) or positive")
-    if trainer.peak_tflops is not None and trainer.peak_tflops <= 0:
-        raise ConfigError(f"trainer.peak_tflops={trainer.peak_tflops} must be positive (TFLOP/s per rank), or "
-                          f"null to find it from the GPU's name or a measurement")
-    if trainer.stop_grace_s <= 0 or trainer.collective_timeout_s <= 0:
-        raise ConfigError("trainer.stop_grace_s and trainer.collective_timeout_s must be positive (seconds)")
     if trainer.nonfinite == "skip" and zero.stage == 0 and precision.dtype == "fp32":
         # Only DeepSpeed's optimizer wrappers (ZeRO 1-3, bf16, fp16) check gradients before updating; plain
         # ZeRO-0 fp32 hands them straight to torch's AdamW, which would write the NaN into the weights.
@@ -115,24 +107,10 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def check_peft(cfg: TrainConfig) -> None:
-    """The PEFT settings' ranges, and the methods' combinations with ZeRO, checkpointing and packing that
-    cannot work (README, "PEFT methods")."""
+    """The PEFT methods' combinations with the model, ZeRO, checkpointing and packing that cannot work (README,
+    "PEFT methods")."""
     peft, method = cfg.peft, cfg.peft.method
     lora = peft.lora
-    if lora.r < 1:
-        raise ConfigError(f"peft.lora.r={lora.r} must be at least 1")
-    if lora.alpha <= 0:
-        raise ConfigError(f"peft.lora.alpha={lora.alpha} must be positive")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"peft.lora.dropout={lora.dropout} must be in [0, 1)")
-    if lora.loraplus_lr_ratio <= 0:
-        raise ConfigError(f"peft.lora.loraplus_lr_ratio={lora.loraplus_lr_ratio} must be positive (1: LoRA+ off)")
-    for key in ("prompt", "prefix"):
-        if getattr(peft, key).num_virtual_tokens < 1:
-            count = getattr(peft, key).num_virtual_tokens
-            raise ConfigError(f"peft.{key}.num_virtual_tokens={count} must be at least 1")
-    if peft.freeze.last_blocks < 0:
-        raise ConfigError(f"peft.freeze.last_blocks={peft.freeze.last_blocks} must be 0 or positive")
     if method == "freeze" and not cfg.model.pretrained and peft.freeze.last_blocks > cfg.model.num_hidden_layers:
         raise ConfigError(
             f"peft.freeze.last_blocks={peft.freeze.last_blocks} exceeds model.num_hidden_layers="
@@ -208,11 +186,6 @@ def check_early_stopping(cfg: TrainConfig) -> None:
             f"{cfg.eval.generate_every} steps, but early stopping judges every evaluation (trainer.eval_every="
             f"{cfg.trainer.eval_every}). Set eval.generate_every={cfg.trainer.eval_every}."
         )
-    if early_stopping.patience < 1 or early_stopping.min_delta < 0:
-        raise ConfigError(
-            f"trainer.early_stopping.patience={early_stopping.patience} must be at least 1, and "
-            f"trainer.early_stopping.min_delta={early_stopping.min_delta} not negative."
-        )
 
 
 def check_eval(cfg: TrainConfig) -> None:
@@ -220,8 +193,6 @@ def check_eval(cfg: TrainConfig) -> None:
     from dstrain.scoring import SCORES
 
     every, evaluation = cfg.eval.generate_every, cfg.eval
-    if every < 0:
-        raise ConfigError(f"eval.generate_every={every} must be 0 (off) or positive")
     unknown = [name for name in evaluation.metrics if name not in SCORES]
     if unknown or not evaluation.metrics:
         raise ConfigError(f"eval.metrics={list(evaluation.metrics)} must name some of {list(SCORES)}")
@@ -237,21 +208,19 @@ def check_eval(cfg: TrainConfig) -> None:
             "eval.generate_every needs prompts and reference answers, which only instruction data has "
             "(+data=alpaca, sharegpt or messages); plain text (data.format=text) has none. Set eval.generate_every=0."
         )
-    if evaluation.max_prompts < 1 or not 1 <= evaluation.max_new_tokens < cfg.data.seq_len:
+    if evaluation.max_new_tokens >= cfg.data.seq_len:
         raise ConfigError(
-            f"eval.max_prompts={evaluation.max_prompts} must be at least 1, and eval.max_new_tokens="
-            f"{evaluation.max_new_tokens} between 1 and data.seq_len={cfg.data.seq_len} (the prompt keeps the rest)."
+            f"eval.max_new_tokens={evaluation.max_new_tokens} must be below data.seq_len={cfg.data.seq_len} (the "
+            f"prompt keeps the rest)."
         )
 
 
 def check_grad_norm_watch(trainer) -> None:
     band = trainer.grad_norm_band
-    if band and (len(band) != 2 or not 0 <= band[0] < band[1]):
+    if band and (len(band) != 2 or not band[0] < band[1]):
         raise ConfigError(
             f"trainer.grad_norm_band={list(band)} must be [low, high] with 0 <= low < high, or [] for no watch."
         )
-    if trainer.grad_norm_patience < 0:
-        raise ConfigError(f"trainer.grad_norm_patience={trainer.grad_norm_patience} must be 0 (off) or positive")
 
 
 def check_data(cfg: TrainConfig) -> None:
@@ -264,8 +233,6 @@ def check_data(cfg: TrainConfig) -> None:
         )
     if data.train_on_prompt and data.last_turn_only:
         raise ConfigError("data.train_on_prompt and data.last_turn_only contradict each other: set at most one.")
-    if data.seq_len < 8 or data.packing_window < 1:
-        raise ConfigError(f"data.seq_len={data.seq_len} must be at least 8, data.packing_window at least 1")
     if data.split:
         check_split_ratios(data.split)
     data.clean.check()

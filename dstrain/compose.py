@@ -98,14 +98,16 @@ def compose(overrides: Sequence[str], run_name: str = None) -> TrainConfig:
 
 
 def one_line(error: Exception) -> str:
-    """Hydra's error message without its search-path listing and help links."""
+    """Hydra's (or OmegaConf's) error message on one line, without the search-path listing and help links."""
     lines = []
     for line in str(error).splitlines():
         if line.startswith(("Config search path", "See https")):
             break
         lines.append(line.strip())
     cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ else ""
-    return " ".join(line for line in lines if line) + cause
+    # A parse error names only the bad input ("no viable alternative at input '[1,'"), not its key.
+    override = f"{error.override}: " if getattr(error, "override", None) else ""
+    return override + " ".join(line for line in lines if line) + cause
 
 
 def save_run_config(cfg: TrainConfig, run_dir: Path) -> None:

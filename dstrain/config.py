@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from dstrain.config_fields import one_of, some_of
+from dstrain.config_fields import in_range, one_of, some_of
 from dstrain.data_config import DataConfig
 from dstrain.peft_config import PeftConfig
 from dstrain.eval_config import EvalConfig
@@ -28,23 +28,23 @@ class ModelConfig:
     # the weights and the tokenizer all come from it and the shape fields below are ignored.
     pretrained: Optional[str] = None
     # Tokens in the embedding and output layers; at least the tokenizer's length.
-    vocab_size: int = 258
+    vocab_size: int = in_range(258, at_least=1)
     # Width of the residual stream.
-    hidden_size: int = 64
+    hidden_size: int = in_range(64, at_least=1)
     # Width of each block's SwiGLU feed-forward layer.
-    intermediate_size: int = 176
+    intermediate_size: int = in_range(176, at_least=1)
     # Transformer blocks.
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = in_range(2, at_least=1)
     # Query heads per block; hidden_size must divide by it.
-    num_attention_heads: int = 4
+    num_attention_heads: int = in_range(4, at_least=1)
     # Key/value heads (grouped-query attention when below num_attention_heads).
-    num_key_value_heads: int = 2
+    num_key_value_heads: int = in_range(2, at_least=1)
     # Longest sequence the rotary embedding is set up for; data.seq_len may not exceed it.
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = in_range(512, at_least=1)
     # Base of the rotary position embedding's frequencies.
-    rope_theta: float = 10000.0
+    rope_theta: float = in_range(10000.0, above=0)
     # Epsilon of the RMS norms.
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = in_range(1e-5, above=0)
     # Share the input embedding and the output layer's weights.
     tie_word_embeddings: bool = False
     # Attention kernel: "sdpa" (PyTorch's fused attention), "eager", or "flash_attention_2" where installed.
@@ -64,13 +64,13 @@ class ZeroConfig:
     # Copy gradients into one contiguous buffer as they are produced (less fragmentation).
     contiguous_gradients: bool = True
     # Elements reduced per gradient all-reduce / reduce-scatter bucket.
-    reduce_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = in_range(50_000_000, at_least=1)
     # Elements gathered per parameter all-gather bucket (stages 1-2).
-    allgather_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = in_range(50_000_000, at_least=1)
     # Stage 3: elements of parameters fetched ahead of their use.
-    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = in_range(50_000_000, at_least=0)
     # Stage 3: parameters below this many elements stay whole on every rank (not partitioned).
-    stage3_param_persistence_threshold: int = 100_000
+    stage3_param_persistence_threshold: int = in_range(100_000, at_least=0)
 
 
 @dataclass
@@ -78,15 +78,15 @@ class PrecisionConfig:
     # The dtype of the forward and backward pass; the optimizer keeps fp32 master weights under bf16/fp16.
     dtype: str = one_of("fp32", "fp32", "bf16", "fp16")
     # fp16 only: dynamic loss scaling when loss_scale is 0, else a static scale.
-    loss_scale: float = 0.0
+    loss_scale: float = in_range(0.0, at_least=0)
     # fp16 only: the dynamic scale starts at 2**initial_scale_power.
-    initial_scale_power: int = 16
+    initial_scale_power: int = in_range(16, at_least=0, at_most=32)
     # fp16 only: steps without overflow before the scale doubles.
-    loss_scale_window: int = 1000
+    loss_scale_window: int = in_range(1000, at_least=1)
     # fp16 only: overflows tolerated before the scale halves.
-    hysteresis: int = 2
+    hysteresis: int = in_range(2, at_least=1)
     # fp16 only: the scale never falls below this.
-    min_loss_scale: float = 1.0
+    min_loss_scale: float = in_range(1.0, above=0)
     # bf16 only: the dtype that gradients accumulate in across micro-batches (None: DeepSpeed's default).
     grad_accum_dtype: Optional[str] = one_of(None, None, "fp32", "bf16")
 
@@ -96,15 +96,15 @@ class OptimConfig:
     # The optimizer; AdamW is the only one.
     name: str = one_of("adamw", "adamw")
     # Peak learning rate, reached after scheduler.warmup_steps.
-    lr: float = 1e-3
+    lr: float = in_range(1e-3, above=0)
     # Decoupled weight decay on matrices; norms, biases and other vectors are never decayed.
-    weight_decay: float = 0.1
+    weight_decay: float = in_range(0.1, at_least=0)
     # Adam's decay rate of the gradient's running mean.
-    beta1: float = 0.9
+    beta1: float = in_range(0.9, at_least=0, below=1)
     # Adam's decay rate of the squared gradient's running mean.
-    beta2: float = 0.95
+    beta2: float = in_range(0.95, at_least=0, below=1)
     # Adam's denominator term.
-    eps: float = 1e-8
+    eps: float = in_range(1e-8, above=0)
 
 
 @dataclass
@@ -112,9 +112,9 @@ class SchedulerConfig:
     # The LR schedule: linear warmup, then cosine decay.
     name: str = one_of("cosine", "cosine")
     # Steps of linear warmup from optim.lr / warmup_steps to optim.lr.
-    warmup_steps: int = 10
+    warmup_steps: int = in_range(10, at_least=0)
     # The LR decays from optim.lr to min_lr_ratio * optim.lr over the steps after warmup.
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = in_range(0.1, at_least=0, at_most=1)
 
 
 @dataclass
@@ -128,50 +128,50 @@ class EarlyStoppingConfig:
     # "min": lower is better (losses, perplexity); "max": higher is better (scores).
     mode: str = one_of("min", "min", "max")
     # Evaluations in a row without improvement after which the run stops.
-    patience: int = 3
+    patience: int = in_range(3, at_least=1)
     # An evaluation improves only if it beats the best by more than this, in the metric's units.
-    min_delta: float = 0.0
+    min_delta: float = in_range(0.0, at_least=0)
 
 
 @dataclass
 class TrainerConfig:
     # Seeds the initial weights, the data order and every rank's random numbers.
-    seed: int = 1234
+    seed: int = in_range(1234, at_least=0, below=2**32)
     # Sequences per rank per forward/backward pass.
-    micro_batch_size: int = 8
+    micro_batch_size: int = in_range(8, at_least=1)
     # Micro-batches per optimizer step; global batch = micro_batch_size x this x ranks.
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = in_range(1, at_least=1)
     # Clip the global gradient norm to this (0: no clipping).
-    gradient_clipping: float = 1.0
+    gradient_clipping: float = in_range(1.0, at_least=0)
     # Optimizer steps to train for.
-    max_steps: int = 200
+    max_steps: int = in_range(200, at_least=1)
     # Recompute each block's activations in the backward pass instead of keeping them (less memory).
     gradient_checkpointing: bool = False
     # Peak dense TFLOP/s of one rank in precision.dtype, what MFU is measured against. None: a GPU's from its
     # name in dstrain.gpus (an unknown GPU logs no MFU), a CPU's from a matmul timed at start (dstrain.mfu).
-    peak_tflops: Optional[float] = None
+    peak_tflops: Optional[float] = in_range(None, above=0)
     # Evaluate every this many steps and after the last (0: never).
-    eval_every: int = 50
+    eval_every: int = in_range(50, at_least=0)
     # Validation micro-batches per rank per evaluation.
-    eval_batches: int = 8
+    eval_batches: int = in_range(8, at_least=1)
     # What an evaluation reports (dstrain.evaluation.EVALUATORS).
     eval_metrics: List[str] = some_of(["perplexity"], registry="dstrain.evaluation:EVALUATORS")
     # Save a checkpoint every this many steps (0: only after the last step or a stop signal).
-    save_every: int = 100
+    save_every: int = in_range(100, at_least=0)
     # Checkpoints kept: the newest keep_last (0 keeps all), plus every keep_every-th step (0: none) forever.
-    keep_last: int = 3
-    keep_every: int = 0
+    keep_last: int = in_range(3, at_least=0)
+    keep_every: int = in_range(0, at_least=0)
     # How long a rank waits for a peer that died or hung before it exits (code 4): the limit for one
     # collective, and for one step, evaluation or save (dstrain.watchdog). Set it above the longest of these.
-    collective_timeout_s: float = 1800.0
+    collective_timeout_s: float = in_range(1800.0, above=0)
     # After SIGTERM/SIGUSR1, the time allowed to reach the next step boundary and save. When it runs out the
     # run exits anyway (code 75, no new checkpoint) so that the scheduler's SIGKILL never lands mid-save.
-    stop_grace_s: float = 120.0
+    stop_grace_s: float = in_range(120.0, above=0)
     # A step whose loss or gradient norm is NaN/inf: "stop" ends the run without saving it (the newest
     # checkpoint stays the last good one); "skip" lets DeepSpeed drop the update and trains on, and stops
     # after max_consecutive_skips such steps in a row.
     nonfinite: str = one_of("stop", "stop", "skip")
-    max_consecutive_skips: int = 10
+    max_consecutive_skips: int = in_range(10, at_least=1)
     # "auto": continue from the newest checkpoint in the run directory, if any.
     # "must": the same, but refuse to start from step 0 when there is none that loads.
     # "never": start fresh, and refuse to if the run directory already has checkpoints.
@@ -182,9 +182,9 @@ class TrainerConfig:
     # [low, high]: rank 0 warns, once per episode, when the global gradient norm (before clipping) stays
     # outside this band for grad_norm_patience steps in a row; an episode ends when it comes back inside.
     # []: no watch.
-    grad_norm_band: List[float] = field(default_factory=lambda: [0.1, 10.0])
+    grad_norm_band: List[float] = in_range([0.1, 10.0], at_least=0)
     # Steps in a row outside trainer.grad_norm_band before the warning (0: no watch).
-    grad_norm_patience: int = 20
+    grad_norm_patience: int = in_range(20, at_least=0)
 
 
 @dataclass
@@ -204,7 +204,7 @@ class WandbConfig:
     # The WANDB_MODE environment variable, where set, wins.
     mode: str = one_of("online", "online", "offline", "disabled")
     # How long to try to reach the W&B server before falling back to offline logging.
-    init_timeout_s: float = 90.0
+    init_timeout_s: float = in_range(90.0, above=0)
 
 
 @dataclass
@@ -233,7 +233,7 @@ class LoggerConfig:
     # The metrics file in the run directory, always written.
     file: str = one_of("jsonl", "jsonl", "csv")
     # Print and log the full set of step metrics every this many steps (loss and LR go to the file every step).
-    log_every: int = 10
+    log_every: int = in_range(10, at_least=1)
     # Weights & Biases.
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # TensorBoard.
@@ -256,15 +256,15 @@ class LauncherConfig:
     # Read by `dstrain submit` (dstrain/slurm.py, which checks it); training itself ignores it.
 
     # Nodes to allocate.
-    nodes: int = 1
+    nodes: int = in_range(1, at_least=1)
     # Ranks per node, one GPU each. With device=cpu: CPU processes per node, and no GPU is requested.
-    gpus_per_node: int = 1
+    gpus_per_node: int = in_range(1, at_least=1)
     # A GPU type in the cluster's GRES (a100, h100, ...); None: any.
     gpu_type: Optional[str] = None
     # "gpu" requests GPUs; "cpu" runs CPU ranks (DS_ACCELERATOR=cpu).
     device: str = one_of("gpu", "gpu", "cpu")
     # CPUs per rank (also OMP_NUM_THREADS); None: the cluster's default.
-    cpus_per_task: Optional[int] = None
+    cpus_per_task: Optional[int] = in_range(None, at_least=1)
     # Memory per node in sbatch's --mem form ("200G"); None: the cluster's default.
     mem: Optional[str] = None
     # The SLURM partition; None: the cluster's default.
@@ -283,7 +283,7 @@ class LauncherConfig:
     # exits with 75, and with requeue the job goes back into the queue and resumes from that checkpoint.
     # The signals dstrain.preemption stops on.
     signal: str = one_of("USR1", "USR1", "TERM")
-    signal_lead_s: int = 300
+    signal_lead_s: int = in_range(300, at_least=0)
     # Requeue the job when it stopped after the signal (exit 75).
     requeue: bool = True
 

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-from dstrain.config_fields import one_of
+from dstrain.config_fields import check_ranges, in_range, one_of
 from dstrain.errors import ConfigError
 
 # Where the cleaning settings live in the schema, for error messages.
@@ -26,9 +26,9 @@ class CleanConfig:
     # code, lists and dialogue, and NFKC turns Chinese full-width punctuation (，：？) into ASCII.
     train_on_normalized: bool = False
     # Drop samples of fewer characters (code points of the compared text: one per Chinese character); 0: off.
-    min_chars: int = 0
+    min_chars: int = in_range(0, at_least=0)
     # Drop samples with more characters; 0: off.
-    max_chars: int = 0
+    max_chars: int = in_range(0, at_least=0)
     # Python regular expressions; a sample in which any of them is found (re.search) is dropped.
     drop_regex: List[str] = field(default_factory=list)
     # Drop samples whose normalised text equals an earlier sample's.
@@ -37,39 +37,31 @@ class CleanConfig:
     # (MinHash signatures indexed by MinHashLSH).
     near_dedup: bool = False
     # Jaccard similarity of the shingle sets at which two samples count as near duplicates.
-    near_dedup_threshold: float = 0.85
+    near_dedup_threshold: float = in_range(0.85, above=0, at_most=1)
     # MinHash permutations: more estimate the similarity better and cost time and memory in proportion.
-    near_dedup_num_perm: int = 128
+    near_dedup_num_perm: int = in_range(128, at_least=16)
     # Length of the character n-grams (shingles) compared by near dedup. Characters rather than words
     # because Chinese and Japanese have no spaces. With 5, two 100-character texts that differ in one
     # character are ~0.90 similar; a one-character change in a 30-character text gives ~0.68.
-    shingle_size: int = 5
+    shingle_size: int = in_range(5, at_least=1)
     # Near-duplicate pairs (kept text, dropped text, similarity) kept in the data report as examples.
-    report_examples: int = 5
+    report_examples: int = in_range(5, at_least=0)
     # Drop samples of fewer tokens (the whole rendered conversation), after tokenisation; 0: off.
-    min_tokens: int = 0
+    min_tokens: int = in_range(0, at_least=0)
     # Drop samples of more tokens, after tokenisation (before data.too_long applies); 0: off.
-    max_tokens: int = 0
+    max_tokens: int = in_range(0, at_least=0)
 
     def check(self) -> None:
-        """Refuse settings that cannot work, naming the key."""
-        if self.report_examples < 0:
-            raise ConfigError(f"{CONFIG_KEY}.report_examples={self.report_examples} is negative; give 0 or more")
+        """Refuse settings that cannot work, naming the key: also when the cleaning functions are given a
+        CleanConfig of their own (dstrain.cleaning), not one checked with the whole config."""
+        check_ranges(self, f"{CONFIG_KEY}.")
         check_limits("chars", self.min_chars, self.max_chars)
         check_limits("tokens", self.min_tokens, self.max_tokens)
         for pattern in self.drop_regex:
             compile_pattern(pattern)
-        if not 0.0 < self.near_dedup_threshold <= 1.0:
-            raise ConfigError(f"{CONFIG_KEY}.near_dedup_threshold={self.near_dedup_threshold} must be in (0, 1]")
-        if self.near_dedup_num_perm < 16:
-            raise ConfigError(f"{CONFIG_KEY}.near_dedup_num_perm={self.near_dedup_num_perm}: use 16 or more (128 is usual)")
-        if self.shingle_size < 1:
-            raise ConfigError(f"{CONFIG_KEY}.shingle_size={self.shingle_size} must be at least 1")
 
 
 def check_limits(unit: str, low: int, high: int) -> None:
-    if low < 0 or high < 0:
-        raise ConfigError(f"{CONFIG_KEY}.min_{unit}={low}, max_{unit}={high}: limits are 0 (off) or more")
     if low and high and high < low:
         raise ConfigError(f"{CONFIG_KEY}.max_{unit}={high} is below min_{unit}={low}: no sample could pass")
 
@@ -103,9 +95,9 @@ class DataConfig:
     train_files: List[str] = field(default_factory=list)
     # Mixing several train_files: each one's rows appear about weight times as often as a weight-1 source's
     # (up- or down-sampled with the seed). Empty: 1 for every source; else one weight per train_files entry.
-    train_weights: List[float] = field(default_factory=list)
+    train_weights: List[float] = in_range([], above=0)
     # Per train_files entry, use only its first this many rows (0: all). Empty: all rows of every source.
-    train_max_rows: List[int] = field(default_factory=list)
+    train_max_rows: List[int] = in_range([], at_least=0)
     # Validation sources (needed when trainer.eval_every is set, unless data.split makes a validation split).
     val_files: List[str] = field(default_factory=list)
     # Test sources: prepared and reported with the others, never trained or evaluated on during training.
@@ -131,7 +123,7 @@ class DataConfig:
     # In multi-turn conversations count only the last answer; earlier answers are context (default: all).
     last_turn_only: bool = False
     # Tokens per training sequence.
-    seq_len: int = 128
+    seq_len: int = in_range(128, at_least=8)
     # A conversation longer than seq_len: "truncate" drops its oldest tokens so that the last answer stays
     # whole (or, when that answer alone is too long, keeps the first seq_len tokens); "drop" leaves it out.
     # Both are counted in the data report.
@@ -143,10 +135,10 @@ class DataConfig:
     # How conversations are placed into rows: "best_fit_decreasing" (least padding) or "greedy" (data order).
     packing_strategy: str = one_of("best_fit_decreasing", "best_fit_decreasing", "greedy")
     # Conversations placed together (one datasets.map batch); rows never mix windows.
-    packing_window: int = 1000
+    packing_window: int = in_range(1000, at_least=1)
     # Instruction data: train/validation[/test] ratios, e.g. [0.7,0.2,0.1]; each record's split follows from a
     # hash of its text, so adding data never moves a record. Empty: val_files and test_files are the splits.
-    split: List[float] = field(default_factory=list)
+    split: List[float] = in_range([], at_least=0, at_most=1)
     # Instruction data: cleaning before tokenisation (every step counted in <run dir>/data_report.json).
     clean: CleanConfig = field(default_factory=CleanConfig)
     # Prepared instruction data is kept here, one directory per data fingerprint (`dstrain prepare` fills it;
@@ -159,6 +151,6 @@ class DataConfig:
     # A tokenizer directory or hub name. Unset: the pretrained model's tokenizer, else byte-level.
     tokenizer: Optional[str] = None
     # Generated documents for training when name=builtin.
-    builtin_train_documents: int = 4000
+    builtin_train_documents: int = in_range(4000, at_least=1)
     # Generated documents for validation when name=builtin (from a different seed).
-    builtin_val_documents: int = 200
+    builtin_val_documents: int = in_range(200, at_least=1)

@@ -1,5 +1,10 @@
 """What `launch/train.py` runs: argv clean-up for the launchers, Hydra's main, and one exit code per outcome
-(dstrain.errors.ExitCode)."""
+(dstrain.errors.ExitCode).
+
+Hydra prints its own composition errors (an unknown key or group option, a wrong type, a bad override, an
+interpolation that does not resolve) over several lines and exits 1, which job scripts read as "requeue".
+`main` has Hydra raise them instead (HYDRA_FULL_ERROR), and ends each as one line with ExitCode.CONFIG, as every
+other config error; this covers every job that a multirun composes too."""
 
 import hashlib
 import os
@@ -10,12 +15,14 @@ from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from dstrain.compose import CONF_DIR, normalize_argv, register
+from dstrain.compose import CONF_DIR, normalize_argv, one_line, register
 from dstrain.config import TrainConfig
 from dstrain.distributed import global_rank
-from dstrain.errors import DstrainError, ExitCode
+from dstrain.errors import ConfigError, DstrainError, ExitCode
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -88,10 +95,41 @@ def with_override(argv: List[str], override: str) -> List[str]:
     return [*argv[:first], override, *argv[first:]]
 
 
+def check_sweep(argv: List[str]) -> None:
+    """Under -m, compose and check every job of the sweep before the first one starts, so that a value out of
+    range in the last job does not wait for the others to train. Hydra itself composes them all up front but
+    checks only keys and types; other sweepers (hydra/sweeper=...) choose their values as they go."""
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+    if not {"-m", "--multirun"} & set(argv) or any(arg.startswith("hydra/sweeper=") for arg in overrides):
+        return
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dstrain.checks import validate
+    from dstrain.compose import compose
+
+    (jobs,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), max_batch_size=None)
+    for job in jobs:
+        validate(compose(job))
+
+
 def main() -> None:
     argv = with_sweep_group(with_sweep_run_names(normalize_argv(sys.argv[1:])))
     # The trainer saves the composed config once it holds the run directory (compose.save_run_config).
     argv = with_override(argv, "hydra.output_subdir=null")
     sys.argv = [sys.argv[0], *argv]
     register()
-    _hydra_main()
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        check_sweep(argv)
+        _hydra_main()
+    except ConfigError as error:
+        print(f"dstrain: {error.kind}: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
+    except (CompactHydraException, OmegaConfBaseException) as error:
+        # OmegaConf's own errors come from resolving an interpolation (${...}) of the composed config.
+        if wants_traceback:
+            raise
+        print(f"dstrain: {ConfigError.kind}: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(ConfigError.exit_code)

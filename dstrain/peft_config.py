@@ -4,17 +4,17 @@ method's settings under its name."""
 from dataclasses import dataclass, field
 from typing import List
 
-from dstrain.config_fields import one_of
+from dstrain.config_fields import in_range, one_of
 
 
 @dataclass
 class LoraConfig:
-    # Rank of the low-rank update; at least 1.
-    r: int = 8
-    # Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with use_rslora); positive.
-    alpha: int = 16
-    # Dropout on the adapter's input during training, in [0, 1).
-    dropout: float = 0.0
+    # Rank of the low-rank update.
+    r: int = in_range(8, at_least=1)
+    # Scale of the update: it is multiplied by alpha / r (alpha / sqrt(r) with use_rslora).
+    alpha: int = in_range(16, above=0)
+    # Dropout on the adapter's input during training.
+    dropout: float = in_range(0.0, at_least=0, below=1)
     # Module names (suffixes) that get an adapter; the default is every linear projection of a Llama block.
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -27,8 +27,8 @@ class LoraConfig:
     # "gaussian" draws A from a normal distribution, "pissa" and "olora" start A and B from the base weights'
     # SVD or QR and take that part out of the base (so the base weights change too).
     init: str = one_of("default", "default", "gaussian", "pissa", "olora")
-    # LoRA+: the B matrices train at optim.lr times this; 1 trains A and B alike. Positive.
-    loraplus_lr_ratio: float = 1.0
+    # LoRA+: the B matrices train at optim.lr times this; 1 trains A and B alike.
+    loraplus_lr_ratio: float = in_range(1.0, above=0)
 
 
 @dataclass
@@ -42,14 +42,14 @@ class Ia3Config:
 @dataclass
 class VirtualTokensConfig:
     # Learned virtual tokens prepended to every sequence (prompt tuning: to the input embeddings; prefix
-    # tuning: to every layer's keys and values); at least 1.
-    num_virtual_tokens: int = 16
+    # tuning: to every layer's keys and values).
+    num_virtual_tokens: int = in_range(16, at_least=1)
 
 
 @dataclass
 class FreezeConfig:
     # Train the last this many transformer blocks (0: none of them); everything not chosen here stays frozen.
-    last_blocks: int = 1
+    last_blocks: int = in_range(1, at_least=0)
     # Modules whose parameters train as well, as fnmatch patterns on their names, e.g. "*.mlp" or
     # "model.layers.0.self_attn".
     modules: List[str] = field(default_factory=list)

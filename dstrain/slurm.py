@@ -118,10 +118,6 @@ def plan_job(overrides: Sequence[str]) -> JobPlan:
 
 def validate_launcher(cfg: TrainConfig) -> None:
     launcher = cfg.launcher
-    for key in ("nodes", "gpus_per_node", "cpus_per_task"):
-        value = getattr(launcher, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"launcher.{key}={value} must be at least 1")
     if launcher.gpu_type and launcher.device == "cpu":
         raise ConfigError("launcher.gpu_type is set, but launcher.device=cpu requests no GPUs. Remove one of them.")
     if not cfg.trainer.stop_grace_s < launcher.signal_lead_s <= MAX_SIGNAL_LEAD_S:

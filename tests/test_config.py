@@ -6,6 +6,7 @@ exits). In-process tests use Hydra's compose API with the same conf directory, t
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -398,7 +399,7 @@ def test_multirun_through_entry_point_composes_both_jobs(tmp_path):
 
 def test_unknown_key_is_rejected_by_entry_point(tmp_path):
     completed = run_entry(tmp_path, "model.bogus=1", "--cfg", "job")
-    assert completed.returncode != 0
+    assert completed.returncode == 2
     output = completed.stdout + completed.stderr
     assert "bogus" in output
     assert "Key 'bogus' not in 'ModelConfig'" in output
@@ -509,7 +510,7 @@ def test_skipping_nonfinite_steps_needs_an_engine_that_can_drop_an_update():
 
 @pytest.mark.parametrize("override", ["trainer.stop_grace_s=0", "trainer.collective_timeout_s=-5"])
 def test_timeouts_must_be_positive(override):
-    with pytest.raises(ConfigError, match=r"must be positive \(seconds\)"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(override.split('=')[0])}=\S+ must be above 0$"):
         validate(compose_typed([override]))
 
 
@@ -518,13 +519,14 @@ def test_max_consecutive_skips_must_be_at_least_one():
         validate(compose_typed(["trainer.max_consecutive_skips=0"]))
 
 
-def test_unknown_logger_lists_the_valid_ones(tmp_path):
+def test_unknown_logger_lists_the_valid_ones_in_one_line(tmp_path):
     completed = run_entry(tmp_path, "+logger=neptune", "--cfg", "job")
-    assert completed.returncode != 0
-    assert "Could not find 'logger/neptune'" in completed.stderr
-    assert "Available options in 'logger'" in completed.stderr
-    for name in ("csv", "jsonl", "tensorboard", "wandb", "mlflow"):
-        assert f"\t{name}\n" in completed.stderr
+    assert completed.returncode == 2
+    (line,) = completed.stderr.splitlines()
+    assert line == (
+        "dstrain: config error: In 'train': Could not find 'logger/neptune' "
+        "Available options in 'logger': csv jsonl mlflow tensorboard wandb"
+    )
 
 
 def test_several_loggers_at_once(tmp_path):
