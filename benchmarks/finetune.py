@@ -31,7 +31,7 @@ dstrain picks by itself for 2 ranks on 2 cores; accelerate would give each rank 
   machine without a GPU; with it accelerate still builds the DeepSpeed engine (DS_ACCELERATOR=cpu).
 - dstrain: the real entry point, `deepspeed --num_gpus 2 launch/train.py` with DSTRAIN_SETTINGS below:
   packing with best_fit_decreasing (the default), and a micro-batch of as many packed rows as hold about the
-  Trainer's 8 samples (chosen from the prepared rows), max_steps = one epoch of rows rounded up.
+  Trainer's 8 samples (chosen from the prepared rows), max_steps = one epoch of rows rounded to whole steps.
 
 How time is taken. Trainer: a TrainerCallback stamps perf_counter at every on_step_end; step k's time is the
 gap between stamps k-1 and k (everything the loop does, data loading included). dstrain: its metrics.jsonl
@@ -72,16 +72,15 @@ from benchmarks.alpaca_records import alpaca_records  # noqa: E402
 from benchmarks.smollm2 import INSTALL_HINT, save_smollm2_model  # noqa: E402
 
 RANKS = 2
-SEQ_LEN = 512
 SEED = 1234
 LR = 1e-3
 WARMUP_SHARE = 0.1
 TRAINER_BATCH = 8  # per_device_train_batch_size's default
 TARGET_SPEEDUP = 1.5
 # dstrain's settings for this job, as a user would give them (the README recommends the same). The benchmark
-# adds the paths, trainer.micro_batch_size, trainer.max_steps and scheduler.warmup_steps.
+# adds the paths, data.seq_len, trainer.micro_batch_size, trainer.max_steps and scheduler.warmup_steps.
 DSTRAIN_SETTINGS = ["+model=pretrained", "+peft=lora", "+zero=2", "+precision=bf16", "+data=alpaca",
-                    f"data.seq_len={SEQ_LEN}", "data.split=[]", "data.packing=true",
+                    "data.split=[]", "data.packing=true",
                     "data.packing_strategy=best_fit_decreasing", f"optim.lr={LR}", f"trainer.seed={SEED}"]
 # Benchmark plumbing, not speed levers: no periodic eval or save (validation is scored afterwards, for both
 # sides alike), a metrics row with tokens_per_s every step, a fresh run every time.
@@ -160,14 +159,15 @@ def real_tokens(position_ids, labels) -> int:
     return int((segment <= last_real).sum())
 
 
-def run_dstrain(work: Path, round_name: str, common, micro_batch: int, max_steps: int, steps_held) -> dict:
+def run_dstrain(work: Path, round_name: str, common, micro_batch: int, max_steps: int, seq_len: int,
+                steps_held) -> dict:
     run_dir = work / round_name
     overrides = [*common, *DSTRAIN_PLUMBING, f"trainer.micro_batch_size={micro_batch}", f"trainer.max_steps={max_steps}",
                  f"scheduler.warmup_steps={warmup_steps(max_steps)}", f"run.root={work}", f"run.name={round_name}"]
     deepspeed_launch("launch/train.py", overrides, work / f"{round_name}.log")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = {row["step"]: row["tokens_per_s"] for row in rows if "tokens_per_s" in row}
-    tokens_per_step = micro_batch * RANKS * SEQ_LEN
+    tokens_per_step = micro_batch * RANKS * seq_len
     seconds = [tokens_per_step / rates[step] for step in range(1, max_steps + 1)]
     adapter = work / f"{round_name}-adapter"
     export = subprocess.run([sys.executable, "-m", "dstrain", "export", str(run_dir / "checkpoints" / "latest"),
@@ -240,13 +240,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-records", type=int, default=200, help="alpaca records to train on (default 200)")
     parser.add_argument("--val-records", type=int, default=40, help="validation records (default 40)")
+    parser.add_argument("--seq-len", type=int, default=512, help="the sequence cap, data.seq_len (default 512)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of (Trainer, dstrain), ABBA (default 1)")
     parser.add_argument("--warmup", type=int, default=1, help="leading steps of each run not measured (default 1)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 32 train and 8 validation records")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 train and 8 validation records, "
+                        "--seq-len 256")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
     if args.quick:
-        args.train_records, args.val_records = 32, 8
+        args.train_records, args.val_records, args.seq_len = 32, 8, 256
     work = Path(tempfile.mkdtemp(prefix="dstrain-finetune-bench-"))
     try:
         report(args, work)
@@ -269,7 +271,7 @@ def report(args, work: Path) -> None:
     train_file, val_file = work / "train.json", work / "validation.json"
     train_file.write_text(json.dumps(alpaca_records(args.train_records, seed=0)))
     val_file.write_text(json.dumps(alpaca_records(args.val_records, seed=1)))
-    common = [*DSTRAIN_SETTINGS, f"model.pretrained={model_dir}", f"data.train_files=[{train_file}]",
+    common = [*DSTRAIN_SETTINGS, f"data.seq_len={args.seq_len}", f"model.pretrained={model_dir}", f"data.train_files=[{train_file}]",
               f"data.val_files=[{val_file}]", f"data.cache_dir={work / 'data_cache'}"]
     cfg, packed, _ = prepared([*common, f"run.root={work}"])
     unpacked_overrides = [*common, "data.packing=false", f"run.root={work}"]
@@ -278,14 +280,16 @@ def report(args, work: Path) -> None:
     samples = len(unpacked.train)
     samples_per_row = samples / len(packed.train)
     micro_batch = max(1, round(TRAINER_BATCH / samples_per_row))
-    dstrain_max_steps = math.ceil(len(packed.train) / (micro_batch * RANKS))
+    # One epoch of rows in whole steps: the rows of a last partial step are left out or, past half a step,
+    # that step is filled from the next epoch (the Trainer's last batch repeats samples to fill up as well).
+    dstrain_max_steps = max(1, round(len(packed.train) / (micro_batch * RANKS)))
     trainer_steps = math.ceil(samples / (TRAINER_BATCH * RANKS))
     lora = {key: getattr(cfg.peft.lora, key) for key in ("r", "alpha", "dropout")}
     lora["target_modules"] = list(cfg.peft.lora.target_modules)
     from dstrain.data import build_tokenizer
 
     held = dstrain_steps(packed.train, micro_batch, dstrain_max_steps, pad_id(build_tokenizer(cfg)))
-    print(f"finetune: SmolLM2-135M-Instruct, LoRA r={lora['r']}, {RANKS} ranks, ZeRO-2, bf16, seq_len {SEQ_LEN}; "
+    print(f"finetune: SmolLM2-135M-Instruct, LoRA r={lora['r']}, {RANKS} ranks, ZeRO-2, bf16, seq_len {args.seq_len}; "
           f"{samples} train conversations ({len(packed.train)} packed rows, {samples_per_row:.2f} per row), "
           f"{len(unpacked.validation)} validation; Trainer {trainer_steps} steps of {TRAINER_BATCH}x{RANKS} samples, "
           f"dstrain {dstrain_max_steps} steps of {micro_batch}x{RANKS} rows", flush=True)
@@ -298,7 +302,7 @@ def report(args, work: Path) -> None:
         if side == "trainer":
             run = run_trainer(work, f"trainer-{number}", model_dir, unpacked_entry / "train", lora, trainer_steps)
         else:
-            run = run_dstrain(work, f"dstrain-{number}", common, micro_batch, dstrain_max_steps, held)
+            run = run_dstrain(work, f"dstrain-{number}", common, micro_batch, dstrain_max_steps, args.seq_len, held)
         run.update(measured(run, args.warmup))
         runs[side].append(run)
         print(f"  {side:<8} run {number + 1}/{len(order)}: {run['samples_per_s']:.3f} samples/s, "
