@@ -10,12 +10,23 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from dstrain.config import TrainConfig
-from dstrain.data import Batch
+from dstrain.data import IGNORE_INDEX, Batch
 
 
 def tokens_in(batch: Batch) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def samples_in(batch: Batch) -> int:
+    """The samples (conversations, documents) a micro-batch trains on: its rows, or in packed rows the segments
+    whose positions restart at 0 and that count a token (a row's padding tail is a segment of its own, and
+    counts none)."""
+    if "position_ids" not in batch:
+        return batch["input_ids"].size(0)
+    rows, width = batch["position_ids"].shape
+    segments = (batch["position_ids"] == 0).cumsum(dim=1) + torch.arange(rows).unsqueeze(1) * (width + 1)
+    return int(segments[batch["labels"] != IGNORE_INDEX].unique().numel())
 
 
 def batch_digest(batches: List[Batch]) -> int:

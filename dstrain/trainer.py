@@ -44,7 +44,9 @@ from dstrain.optim import optimizer_groups, warmup_cosine_schedule
 from dstrain.preemption import StopSignal
 from dstrain.preparation import data_fingerprint, prepare, write_report
 from dstrain.runlock import hold_run_dir
-from dstrain.step_stats import batch_digest, loss_scale_metrics, memory_per_rank, replicated_grad_norm, tokens_in
+from dstrain.step_stats import (
+    batch_digest, loss_scale_metrics, memory_per_rank, replicated_grad_norm, samples_in, tokens_in,
+)
 from dstrain.watchdog import ProgressWatchdog
 
 log = logging.getLogger("dstrain")
@@ -122,6 +124,8 @@ class StepResult:
     batch_digest: int
     # Tokens the step read over all ranks, without the padding of unpacked micro-batches.
     tokens: int
+    # Samples the step trained on over all ranks: conversations in packed rows, else rows.
+    samples: int
 
 
 def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Training:
@@ -290,12 +294,13 @@ def train_step(t: Training, batches: List[Batch], stop_requested: bool) -> StepR
         engine.step()
         micro_losses.append(loss.detach().float())
     grad_norm = float(engine.get_global_grad_norm() if grad_norm is None else grad_norm)
-    # One collective carries the loss, whether any rank was told to stop, and the tokens read.
-    loss_sum, stops, tokens = sum_over_ranks(
-        [torch.stack(micro_losses).mean(), float(stop_requested), float(sum(tokens_in(batch) for batch in batches))],
+    # One collective carries the loss, whether any rank was told to stop, and the tokens and samples read.
+    loss_sum, stops, tokens, samples = sum_over_ranks(
+        [torch.stack(micro_losses).mean(), float(stop_requested), float(sum(tokens_in(batch) for batch in batches)),
+         float(sum(samples_in(batch) for batch in batches))],
         device)
     return StepResult(loss_sum / t.world_size, grad_norm, bool(stops), engine.skipped_steps > skipped_before,
-                      batch_digest(batches), int(tokens))
+                      batch_digest(batches), int(tokens), int(samples))
 
 
 def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: int) -> bool:
@@ -313,7 +318,7 @@ def log_step(t: Training, step: int, result: StepResult, elapsed: float, epoch: 
         "grad_norm": result.grad_norm,
         "tokens_per_s": tokens_per_s,
         **mfu_metrics(t.mfu, tokens_per_s),
-        "samples_per_s": t.plan.global_batch / elapsed,
+        "samples_per_s": result.samples / elapsed,
         "epoch": epoch,
         **({} if finite else {"update_skipped": result.update_skipped}),
         **loss_scale_metrics(t.engine, t.cfg),

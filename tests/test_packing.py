@@ -165,6 +165,16 @@ def test_padding_is_a_sample_of_its_own_that_never_counts(packed):
     )
 
 
+def test_a_packed_micro_batch_trains_on_its_samples_not_its_rows(packed):
+    """samples_per_s counts conversations: six in two packed rows (the padding tail is none), three padded rows."""
+    from dstrain.step_stats import samples_in
+
+    both = {key: torch.tensor([packed[0][key], packed[1][key]]) for key in ("input_ids", "labels", "position_ids")}
+    assert samples_in(both) == len(LENGTHS)
+    assert samples_in(_row_batch(packed, 0)) == len(ROWS[0])
+    assert samples_in(pad_batch(_samples()[:3], PAD_ID)) == 3
+
+
 def test_packing_efficiency_counts_the_trailing_padding(packed):
     assert packing_efficiency(packed) == pytest.approx(sum(LENGTHS) / (2 * SEQ_LEN))
 
