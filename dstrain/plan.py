@@ -188,17 +188,28 @@ def block_activation_bytes_per_token(cfg: TrainConfig, shape: ModelShape) -> flo
         per_token += width * (3 * h + i)
     if not base_trains(cfg) and cfg.peft.method in ("lora", "qlora"):
         targets = [name for name in _BLOCK_LINEARS if name in set(cfg.peft.lora.target_modules)]
+        adapter = adapter_bytes_per_element(cfg)
         if cfg.peft.lora.dropout > 0:
-            per_token += sum((width + 1) * sizes[_BLOCK_LINEARS[name]] for name in targets)
+            # peft casts x to the adapter's dtype; each adapter's dropout keeps its scaled noise (a tensor of x's
+            # dtype, PyTorch's CPU dropout is x * noise) and lora_A keeps the dropped-out input.
+            per_token += sum(2 * adapter * sizes[_BLOCK_LINEARS[name]] for name in targets)
         else:
-            per_token += sum(width * sizes[_BLOCK_LINEARS[next(iter(group))]]
+            per_token += sum(adapter * sizes[_BLOCK_LINEARS[next(iter(group))]]
                              for group in _SHARED_INPUTS if group & set(targets))
-        per_token += len(targets) * width * cfg.peft.lora.r
+        per_token += len(targets) * adapter * cfg.peft.lora.r
     if cfg.model.attn_implementation == "eager":
         per_token += (_FP32_BYTES + width) * shape.num_heads * cfg.data.seq_len
     else:
         per_token += _FP32_BYTES * shape.num_heads
     return per_token
+
+
+def adapter_bytes_per_element(cfg: TrainConfig) -> int:
+    """The dtype LoRA's adapters compute in. Below ZeRO-3 DeepSpeed casts the whole module to the 16-bit dtype.
+    Under ZeRO-3 it does not (parameters are expected to be converted as deepspeed.zero.Init builds them), and
+    peft adds its adapters after the build, in fp32: they stay fp32, and peft casts each adapter's input to fp32,
+    so everything an adapter saves is fp32 (measured: every lora_A/lora_B input and dropout noise is fp32)."""
+    return _FP32_BYTES if cfg.zero.stage == 3 else bytes_per_element(cfg.precision.dtype)
 
 
 def base_trains(cfg: TrainConfig) -> bool:
