@@ -18,8 +18,10 @@ from conftest import STANDARD_RUN, _env
 LLAMA_CPP_DIR = Path(__file__).resolve().parent / "llama_cpp"
 INSTALL_LLAMA_CPP = "npm ci --prefix tests/llama_cpp --omit=optional --ignore-scripts --no-audit --no-fund"
 NEW_TOKENS = 16
-# q8_0 rounds every weight, so a near-tie between two tokens can flip and the continuations part from there.
-Q8_0_TOKENS_ALWAYS_EQUAL = 8
+# q8_0 rounds every weight (and llama.cpp its activations), so where two tokens are nearly tied llama.cpp may
+# take the other one, and the continuations part there. Where they part, llama.cpp's token must be within this
+# many logits of PyTorch's best: a tie that rounding can flip, not another model.
+Q8_0_TIE = 1.0
 PLAIN_PROMPTS = ["The capital of France is", "Write a haiku about autumn.\n", "我想在苹果公司工作，因为"]
 CHAT = [{"role": "user", "content": "What are the three primary colors?"}]
 
@@ -92,8 +94,8 @@ def _smollm2_prompts(tokenizer) -> list:
 def test_llama_cpp_tokenizes_and_continues_like_pytorch(smollm2_gguf, smollm2_merged, quantize):
     """SmolLM2 fine-tuned with LoRA, exported, run in llama.cpp. Tokenization (English, Chinese, the ChatML
     prompt the embedded template renders) must be identical. f32: every greedy token equals PyTorch's. q8_0:
-    every prompt's first Q8_0_TOKENS_ALWAYS_EQUAL tokens equal PyTorch's and all but one prompt agree on all
-    NEW_TOKENS, since rounding may flip a near-tie late in a continuation but not make the model another."""
+    where a continuation parts from PyTorch's, PyTorch's logits there must show a near-tie (Q8_0_TIE): rounding
+    may flip one, but not make the model another."""
     model, tokenizer = smollm2_merged
     prompts = _smollm2_prompts(tokenizer)
     answer = _llama_cpp(smollm2_gguf(quantize), prompts)
@@ -108,8 +110,13 @@ def test_llama_cpp_tokenizes_and_continues_like_pytorch(smollm2_gguf, smollm2_me
         assert continuations == expected
         return
     for prompt, got, want in zip(prompts, continuations, expected):
-        assert got[:Q8_0_TOKENS_ALWAYS_EQUAL] == want[:Q8_0_TOKENS_ALWAYS_EQUAL], (prompt, got, want)
-    assert sum(got == want for got, want in zip(continuations, expected)) >= len(prompts) - 1, (continuations, expected)
+        parted = next((index for index, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if parted is not None:
+            with torch.no_grad():
+                logits = model(torch.tensor([tokenizer(prompt).input_ids + want[:parted]])).logits[0, -1]
+            gap = (logits.max() - logits[got[parted]]).item()
+            assert gap < Q8_0_TIE, f"{prompt!r}: llama.cpp took token {got[parted]} at step {parted}, {gap:.2f} " \
+                                   f"logits below PyTorch's {want[parted]}: not a near-tie ({got} vs {want})"
 
 
 def _q8_0_error_bound(tensor: torch.Tensor) -> torch.Tensor:
