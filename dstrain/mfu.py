@@ -69,8 +69,10 @@ def measured_cpu_tflops(dtype: str) -> float:
     """TFLOP/s of a square matmul in `dtype` with this process's threads: the fastest of those timed in about
     _MEASURE_SECONDS. The fastest, because other processes on the machine only ever slow one down, and a peak
     lowered by them would overstate MFU."""
-    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
-    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(_DTYPES[dtype])
+    # Its own generator: drawing from the global one would shift a resumed run's dropout from the checkpoint's.
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
+    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
     torch.mm(a, b)  # the first call picks and prepares the kernel
     fastest, started = math.inf, time.perf_counter()
     while time.perf_counter() - started < _MEASURE_SECONDS:

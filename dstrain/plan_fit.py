@@ -2,6 +2,7 @@
 largest micro-batch that fits, the settings that would make a job fit, the lines `dstrain plan` prints, and the
 check training makes before it builds anything."""
 
+import logging
 import math
 import re
 from dataclasses import replace
@@ -9,7 +10,7 @@ from typing import List, Optional
 
 from dstrain.config import TrainConfig
 from dstrain.errors import ConfigError
-from dstrain.model_census import ParameterCensus
+from dstrain.model_census import ParameterCensus, census
 from dstrain.plan import GB, STAGE3_MAX_LIVE_PARAMETERS, Hardware, MemoryPlan, plan_memory
 
 # A CUDA context with cuBLAS and NCCL workspaces: about 1 GB on current GPUs (it is outside PyTorch's allocator).
@@ -283,3 +284,14 @@ def check_fits(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware) ->
     fix = "; fix: " + " | or ".join(found) if found else "; no setting makes it fit: use a smaller model"
     raise ConfigError(f"the memory plan does not fit: {where} (ZeRO-{cfg.zero.stage}, {cfg.precision.dtype}, "
                       f"{params.total / 1e9:.2f}B parameters){fix}. `dstrain plan` shows the whole plan.")
+
+
+def check_memory_plan(cfg: TrainConfig, world_size: int) -> None:
+    """Training's first step: plan the run's memory before anything is built, log it, and stop with the plan and
+    the fix when it clearly does not fit, rather than be killed for memory minutes later."""
+    params, hardware = census(cfg), training_hardware(world_size)
+    plan = plan_memory(cfg, params, hardware)
+    logging.getLogger("dstrain").info(
+        "memory plan per rank: %s of %s (peak in tensors %s in %s; `dstrain plan` for the details)",
+        gb(plan.total), gb(plan.available), gb(plan.tensor_peak), plan.peak_phase)
+    check_fits(cfg, params, hardware)

@@ -41,6 +41,7 @@ from dstrain.metrics import MetricsLogger
 from dstrain.mfu import MfuMeter, mfu_meter, mfu_metrics
 from dstrain.model import build_model, model_fingerprint, parameter_counts
 from dstrain.optim import optimizer_groups, warmup_cosine_schedule
+from dstrain.plan_fit import check_memory_plan
 from dstrain.preemption import StopSignal
 from dstrain.preparation import data_fingerprint, prepare, write_report
 from dstrain.runlock import hold_run_dir
@@ -173,20 +174,6 @@ def setup(cfg: TrainConfig, run_dir: Path, rank: int, world_size: int) -> Traini
         replace(state, tracker_run_id=metrics.tracker_run_id, mlflow_run_id=metrics.mlflow_run_id),
         mfu_meter(cfg, local_device(), rank),
     )
-
-
-def check_memory_plan(cfg: TrainConfig, world_size: int) -> None:
-    """Plan the run's memory before anything is built (dstrain.plan), and stop with the plan and the fix when it
-    clearly does not fit, rather than be killed for memory minutes later."""
-    from dstrain.model_census import census
-    from dstrain.plan import plan_memory
-    from dstrain.plan_fit import check_fits, gb, training_hardware
-
-    params, hardware = census(cfg), training_hardware(world_size)
-    plan = plan_memory(cfg, params, hardware)
-    log.info("memory plan per rank: %s of %s (peak in tensors %s in %s; `dstrain plan` for the details)",
-             gb(plan.total), gb(plan.available), gb(plan.tensor_peak), plan.peak_phase)
-    check_fits(cfg, params, hardware)
 
 
 def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, rank: int, world_size: int,
