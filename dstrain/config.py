@@ -148,7 +148,7 @@ class TrainerConfig:
     # Recompute each block's activations in the backward pass instead of keeping them (less memory).
     gradient_checkpointing: bool = False
     # Peak dense TFLOP/s of one rank in precision.dtype, what MFU is measured against. None: a GPU's from its
-    # name in dstrain.gpus (an unknown GPU logs no MFU), a CPU's from a matmul timed at start (dstrain.mfu).
+    # name in dstrain.gpus (an unknown GPU logs no MFU), a CPU's from a linear layer timed at start (dstrain.mfu).
     peak_tflops: Optional[float] = in_range(None, above=0)
     # Evaluate every this many steps and after the last (0: never).
     eval_every: int = in_range(50, at_least=0)

@@ -1,8 +1,9 @@
 """Model FLOPs utilisation: the model FLOPs a step did per second (dstrain.flops) over the peak the ranks could
-have done, logged with tokens_per_s.
+have done, logged with tokens_per_s; and on a CPU, a warning when the 16-bit training dtype multiplies slower
+than fp32 would.
 
 The peak per rank is, in this order: trainer.peak_tflops; on a GPU, its name looked up in dstrain.gpus (an
-unknown GPU logs no MFU and says how to give its peak); on a CPU, a matmul of the training dtype timed at start.
+unknown GPU logs no MFU and says how to give its peak); on a CPU, a linear layer of the training dtype timed at start.
 Every rank times its own matmul with its own threads, all at once, because ranks on one machine share its
 cores: what each measures is its share. MFU = achieved FLOP/s / (the ranks' peaks summed), which is peak per
 rank x ranks when they are alike.
@@ -17,6 +18,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from dstrain.config import TrainConfig
 from dstrain.distributed import sum_over_ranks
@@ -31,6 +33,8 @@ _MEASURE_SECONDS = 0.3
 # Large enough for the matmul kernels to run at their full rate, small enough (a few ms on a CPU core) that
 # the window holds dozens of them.
 _MATMUL_SIZE = 512
+# A 16-bit dtype slower than this fraction of fp32's rate is worth a warning: training in fp32 would be faster.
+_SLOW_16_BIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,20 +70,33 @@ def gpu_for_device_name(name: str) -> Optional[str]:
 
 
 def measured_cpu_tflops(dtype: str) -> float:
-    """TFLOP/s of a square matmul in `dtype` with this process's threads: the fastest of those timed in about
-    _MEASURE_SECONDS. The fastest, because other processes on the machine only ever slow one down, and a peak
-    lowered by them would overstate MFU."""
+    """TFLOP/s of a square linear layer in `dtype` with this process's threads: the fastest of those timed in
+    about _MEASURE_SECONDS. The fastest, because other processes on the machine only ever slow one down, and a
+    peak lowered by them would overstate MFU. A linear layer, with its weight laid out as nn.Linear keeps it:
+    that is what training multiplies, and a CPU without bf16 instructions runs torch.mm's other layout in bf16
+    7x slower still (measured on an AVX2-only AMD EPYC: 1.3 against 9.5 GFLOP/s per core)."""
     # Its own generator: drawing from the global one would shift a resumed run's dropout from the checkpoint's.
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
-    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
-    torch.mm(a, b)  # the first call picks and prepares the kernel
+    inputs = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
+    weight = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
+    F.linear(inputs, weight)  # the first call picks and prepares the kernel
     fastest, started = math.inf, time.perf_counter()
     while time.perf_counter() - started < _MEASURE_SECONDS:
         before = time.perf_counter()
-        torch.mm(a, b)
+        F.linear(inputs, weight)
         fastest = min(fastest, time.perf_counter() - before)
     return 2 * _MATMUL_SIZE ** 3 / fastest / 1e12
+
+
+def slow_16_bit_warning(dtype: str, dtype_tflops: float, fp32_tflops: float) -> Optional[str]:
+    """What to tell a user whose CPU multiplies in the 16-bit training dtype at under half its fp32 rate (a CPU
+    without bf16 instructions converts every element: AVX2-only CPUs, AMD before Zen 4, Intel before Cooper
+    Lake), or None."""
+    if dtype == "fp32" or dtype_tflops >= _SLOW_16_BIT * fp32_tflops:
+        return None
+    return (f"{dtype} matmuls run {fp32_tflops / dtype_tflops:.1f}x slower than fp32 on this CPU ({dtype_tflops * 1e3:.3g} "
+            f"against {fp32_tflops * 1e3:.3g} GFLOP/s per rank, measured at start): it has no {dtype} instructions. "
+            f"+precision=fp32 trains faster here.")
 
 
 def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[float], str]:
@@ -90,7 +107,7 @@ def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Tuple[Option
         return cfg.trainer.peak_tflops, "trainer.peak_tflops"
     if device.type == "cpu":
         threads = torch.get_num_threads()
-        return measured_cpu_tflops(dtype), f"the fastest {dtype} matmul timed at start on {threads} thread(s) per rank"
+        return measured_cpu_tflops(dtype), f"the fastest {dtype} linear layer timed at start on {threads} thread(s) per rank"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     key = gpu_for_device_name(name)
     if key is None:
@@ -104,6 +121,8 @@ def mfu_meter(cfg: TrainConfig, device: torch.device, rank: int) -> Optional[Mfu
     flops = training_flops(cfg)
     dist.barrier()
     peak, source = peak_tflops_per_rank(cfg, device)
+    if device.type == "cpu" and cfg.precision.dtype != "fp32":
+        warn_if_16_bit_is_slow(cfg.precision.dtype, device, rank)
     # Every rank takes part in the sum; one without a peak gives 0 and makes the total unknown.
     total, unknown = sum_over_ranks([peak or 0.0, float(peak is None)], device)
     if unknown:
@@ -115,3 +134,12 @@ def mfu_meter(cfg: TrainConfig, device: torch.device, rank: int) -> Optional[Mfu
              "ranks (%s)", flops.per_token, flops.per_token * cfg.data.seq_len / 1e9, cfg.data.seq_len, total,
              dist.get_world_size(), source)
     return MfuMeter(flops.per_token, total * 1e12)
+
+
+def warn_if_16_bit_is_slow(dtype: str, device: torch.device, rank: int) -> None:
+    """On a CPU, times `dtype` against fp32 on every rank at once (each measures its share of the cores, as
+    for the peak) and warns once when fp32 would train faster."""
+    dtype_tflops, fp32_tflops = sum_over_ranks([measured_cpu_tflops(dtype), measured_cpu_tflops("fp32")], device)
+    warning = slow_16_bit_warning(dtype, dtype_tflops / dist.get_world_size(), fp32_tflops / dist.get_world_size())
+    if warning and rank == 0:
+        log.warning(warning)
