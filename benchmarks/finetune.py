@@ -5,6 +5,7 @@ recommended settings against the Hugging Face Trainer + DeepSpeed at its documen
     python benchmarks/finetune.py                    # 160 train + 32 validation records, one round (Trainer, dstrain)
     python benchmarks/finetune.py --rounds 2         # ABBA: Trainer, dstrain, dstrain, Trainer
     python benchmarks/finetune.py --quick            # a smoke run: 32 + 8 records
+    python benchmarks/finetune.py --precision fp32   # both sides in fp32: for a CPU without bf16 instructions
 
 Issue 12 asks for at least 1.5x the Trainer's samples/s at an equal or lower validation loss.
 
@@ -20,7 +21,7 @@ LoraConfig on the Trainer side); AdamW lr 1e-3, betas (0.9, 0.95), weight decay 
 (dstrain's defaults, given to the Trainer as weight_decay, adam_beta2, max_grad_norm); a cosine from lr to
 0.1 x lr without warmup, step s at progress s / steps on both sides (the Trainer's cosine_with_min_lr with
 min_lr_rate 0.1: its linear warmup starts at lr 0, dstrain's at lr / warmup_steps, so only no warmup runs
-alike); one epoch; seed 1234; bf16; ZeRO-2; 2 ranks under `deepspeed --num_gpus 2`, gloo on the CPU,
+alike); one epoch; seed 1234; bf16 (or --precision fp32); ZeRO-2; 2 ranks under `deepspeed --num_gpus 2`, gloo on the CPU,
 OMP_NUM_THREADS=1 each (what dstrain picks by itself for 2 ranks on 2 cores; accelerate would give each rank 2
 threads on 2 cores).
 
@@ -49,7 +50,7 @@ that are neither a real token of a sample (Trainer: pad to the longest; dstrain:
 
 Validation loss, one evaluator for both: after all runs, each side's adapter (the Trainer's save_model, dstrain's
 `dstrain export` of its last checkpoint) is loaded with PeftModel onto the same base, and every validation
-sample is scored alone in bf16: summed cross-entropy over its counted tokens / their number, over the whole
+sample is scored alone in the runs' precision: summed cross-entropy over its counted tokens / their number, over the whole
 validation split ("before": the base model without an adapter). Rounds alternate sides (ABBA with --rounds 2);
 the table shows each side's median samples/s and tokens/s over its runs and the mean validation loss.
 """
@@ -79,8 +80,8 @@ LR = 1e-3
 TRAINER_BATCH = 8  # per_device_train_batch_size's default
 TARGET_SPEEDUP = 1.5
 # dstrain's settings for this job, as a user would give them (the README recommends the same). The benchmark
-# adds the paths, data.seq_len, trainer.micro_batch_size and trainer.max_steps.
-DSTRAIN_SETTINGS = ["+model=pretrained", "+peft=lora", "+zero=2", "+precision=bf16", "+data=alpaca",
+# adds the precision, the paths, data.seq_len, trainer.micro_batch_size and trainer.max_steps.
+DSTRAIN_SETTINGS = ["+model=pretrained", "+peft=lora", "+zero=2", "+data=alpaca",
                     "data.split=[]", "data.packing=true",
                     "data.packing_strategy=best_fit_decreasing", f"optim.lr={LR}", "scheduler.warmup_steps=0",
                     f"trainer.seed={SEED}"]
@@ -179,10 +180,10 @@ def run_dstrain(work: Path, round_name: str, common, micro_batch: int, max_steps
     return {"seconds": seconds, "held": steps_held, "adapter": adapter}
 
 
-def run_trainer(work: Path, round_name: str, model_dir: Path, train_samples: Path, lora) -> dict:
+def run_trainer(work: Path, round_name: str, model_dir: Path, train_samples: Path, lora, precision: str) -> dict:
     out = work / round_name
     settings = {"output_dir": str(out), "model": str(model_dir), "train_samples": str(train_samples), "lora": lora,
-                "arguments": {"deepspeed": TRAINER_ZERO2, "bf16": True, "use_cpu": True,
+                "arguments": {"deepspeed": TRAINER_ZERO2, "bf16": precision == "bf16", "use_cpu": True,
                               "per_device_train_batch_size": TRAINER_BATCH, "gradient_accumulation_steps": 1,
                               "num_train_epochs": 1, "learning_rate": LR, "warmup_steps": 0,
                               "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
@@ -212,7 +213,7 @@ def measured(run: dict, warmup: int) -> dict:
             "seconds": seconds}
 
 
-def validation_loss(model_dir: Path, adapter, samples) -> float:
+def validation_loss(model_dir: Path, adapter, samples, precision: str) -> float:
     """Summed cross-entropy over the counted tokens of every sample, each scored alone, / their number."""
     import torch
     from peft import PeftModel
@@ -221,7 +222,7 @@ def validation_loss(model_dir: Path, adapter, samples) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16 if precision == "bf16" else torch.float32).eval()
     total, counted = 0.0, 0
     with torch.no_grad():
         for sample in samples:
@@ -241,6 +242,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="the sequence cap, data.seq_len (default 512)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of (Trainer, dstrain), ABBA (default 1)")
     parser.add_argument("--warmup", type=int, default=1, help="leading steps of each run not measured (default 1)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="both sides' training and "
+                        "scoring dtype (default bf16; fp32 on a CPU without bf16 instructions, where bf16 crawls)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 train and 8 validation records, "
                         "--seq-len 256")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -269,7 +272,7 @@ def report(args, work: Path) -> None:
     train_file, val_file = work / "train.json", work / "validation.json"
     train_file.write_text(json.dumps(alpaca_records(args.train_records, seed=0)))
     val_file.write_text(json.dumps(alpaca_records(args.val_records, seed=1)))
-    common = [*DSTRAIN_SETTINGS, f"data.seq_len={args.seq_len}", f"model.pretrained={model_dir}",
+    common = [*DSTRAIN_SETTINGS, f"+precision={args.precision}", f"data.seq_len={args.seq_len}", f"model.pretrained={model_dir}",
               f"data.train_files=[{train_file}]", f"data.val_files=[{val_file}]",
               f"data.cache_dir={work / 'data_cache'}"]
     cfg, packed, _ = prepared([*common, f"run.root={work}"])
@@ -286,7 +289,7 @@ def report(args, work: Path) -> None:
     lora = {key: getattr(cfg.peft.lora, key) for key in ("r", "alpha", "dropout")}
     lora["target_modules"] = list(cfg.peft.lora.target_modules)
     held = dstrain_steps(packed.train, micro_batch, dstrain_max_steps, pad_id(build_tokenizer(cfg)))
-    print(f"finetune: SmolLM2-135M-Instruct, LoRA r={lora['r']}, {RANKS} ranks, ZeRO-2, bf16, seq_len {args.seq_len}; "
+    print(f"finetune: SmolLM2-135M-Instruct, LoRA r={lora['r']}, {RANKS} ranks, ZeRO-2, {args.precision}, seq_len {args.seq_len}; "
           f"{samples} train conversations ({len(packed.train)} packed rows, {samples_per_row:.2f} per row), "
           f"{len(unpacked.validation)} validation; Trainer {trainer_steps} steps of {TRAINER_BATCH}x{RANKS} samples, "
           f"dstrain {dstrain_max_steps} steps of {micro_batch}x{RANKS} rows", flush=True)
@@ -297,7 +300,7 @@ def report(args, work: Path) -> None:
     for number, side in enumerate(order):
         started = time.perf_counter()
         if side == "trainer":
-            run = run_trainer(work, f"trainer-{number}", model_dir, unpacked_entry / "train", lora)
+            run = run_trainer(work, f"trainer-{number}", model_dir, unpacked_entry / "train", lora, args.precision)
         else:
             run = run_dstrain(work, f"dstrain-{number}", common, micro_batch, dstrain_max_steps, args.seq_len, held)
         run.update(measured(run, args.warmup))
@@ -307,13 +310,13 @@ def report(args, work: Path) -> None:
               f"{time.perf_counter() - started:.0f} s with start-up", flush=True)
 
     validation = list(unpacked.validation)
-    before = validation_loss(model_dir, None, validation)
+    before = validation_loss(model_dir, None, validation, args.precision)
     print()
     print(f"{'side':<9} {'samples/s':>10} {'tokens/s':>10} {'padding':>8} {'val loss':>9}   (before training: "
           f"{before:.4f})")
     results = {}
     for side, side_runs in runs.items():
-        losses = [validation_loss(model_dir, run["adapter"], validation) for run in side_runs]
+        losses = [validation_loss(model_dir, run["adapter"], validation, args.precision) for run in side_runs]
         results[side] = {"samples_per_s": statistics.median(r["samples_per_s"] for r in side_runs),
                          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in side_runs),
                          "padding": statistics.mean(r["padding"] for r in side_runs), "loss": statistics.mean(losses)}
