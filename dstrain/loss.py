@@ -23,8 +23,9 @@ from dstrain.data import IGNORE_INDEX, Batch
 # The counted positions of a micro-batch are split into this many chunks, not into chunks of a fixed size:
 # every rank must call the output layer equally often, since under ZeRO-3 each call gathers its weight with a
 # collective, and ranks' micro-batches differ in width (padding to the longest) and in counted positions.
-# With 8 chunks, a bf16 LoRA step of SmolLM2-135M at micro-batch 4 x 512 peaked 0.75 GiB (13%) lower than
-# with the full logits and was not slower (benchmarks/train_step.py, README "Speed: what helps where").
+# With 8 chunks, a LoRA step of SmolLM2-135M with half its labels masked (a prompt) took 0.82x the time and
+# memory of the full logits; with every label counting, 0.87x-0.98x the memory for up to 1.09x the time, the
+# recomputed output layer (benchmarks/train_step.py, README "Speed: what helps where").
 #
 # The recomputation skips checkpoint's check that recomputed tensors match the forward's: under ZeRO-3 the
 # output layer's weight is gathered for each call and released right after, so the recomputed weight has

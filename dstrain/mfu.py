@@ -33,7 +33,7 @@ _MEASURE_SECONDS = 0.3
 # Large enough for the matmul kernels to run at their full rate, small enough (a few ms on a CPU core) that
 # the window holds dozens of them.
 _MATMUL_SIZE = 512
-# A 16-bit dtype slower than this fraction of fp32's rate is worth a warning: training in fp32 would be faster.
+# A 16-bit dtype at under this fraction of fp32's speed is worth a warning: training in fp32 would be faster.
 _SLOW_16_BIT = 0.5
 
 
@@ -88,15 +88,31 @@ def measured_cpu_tflops(dtype: str) -> float:
     return 2 * _MATMUL_SIZE ** 3 / fastest / 1e12
 
 
-def slow_16_bit_warning(dtype: str, dtype_tflops: float, fp32_tflops: float) -> Optional[str]:
-    """What to tell a user whose CPU multiplies in the 16-bit training dtype at under half its fp32 rate (a CPU
-    without bf16 instructions converts every element: AVX2-only CPUs, AMD before Zen 4, Intel before Cooper
+def linear_layer_seconds(dtype: str) -> float:
+    """Seconds of the fastest forward and backward of a square linear layer in `dtype` (both gradients) timed in
+    about _MEASURE_SECONDS: a training step's three products. A CPU without bf16 instructions runs some of
+    them far slower than others (the input gradient's layout: 1.3 GFLOP/s against the forward's 9.5)."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype]).requires_grad_()
+    weight = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype]).requires_grad_()
+    output_gradient = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, generator=generator).to(_DTYPES[dtype])
+    fastest, started = math.inf, time.perf_counter()
+    while fastest == math.inf or time.perf_counter() - started < _MEASURE_SECONDS:
+        before = time.perf_counter()
+        F.linear(inputs, weight).backward(output_gradient)
+        fastest = min(fastest, time.perf_counter() - before)
+    return fastest
+
+
+def slow_16_bit_warning(dtype: str, dtype_seconds: float, fp32_seconds: float) -> Optional[str]:
+    """What to tell a user whose CPU trains a linear layer in the 16-bit dtype at under half its fp32 speed (a
+    CPU without bf16 instructions converts every element: AVX2-only CPUs, AMD before Zen 4, Intel before Cooper
     Lake), or None."""
-    if dtype == "fp32" or dtype_tflops >= _SLOW_16_BIT * fp32_tflops:
+    if dtype == "fp32" or dtype_seconds * _SLOW_16_BIT <= fp32_seconds:
         return None
-    return (f"{dtype} matmuls run {fp32_tflops / dtype_tflops:.1f}x slower than fp32 on this CPU ({dtype_tflops * 1e3:.3g} "
-            f"against {fp32_tflops * 1e3:.3g} GFLOP/s per rank, measured at start): it has no {dtype} instructions. "
-            f"+precision=fp32 trains faster here.")
+    return (f"{dtype} trains a linear layer (forward and backward) {dtype_seconds / fp32_seconds:.1f}x slower than "
+            f"fp32 on this CPU (measured at start): it has no {dtype} instructions. +precision=fp32 trains "
+            f"faster here.")
 
 
 def peak_tflops_per_rank(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[float], str]:
@@ -137,9 +153,9 @@ def mfu_meter(cfg: TrainConfig, device: torch.device, rank: int) -> Optional[Mfu
 
 
 def warn_if_16_bit_is_slow(dtype: str, device: torch.device, rank: int) -> None:
-    """On a CPU, times `dtype` against fp32 on every rank at once (each measures its share of the cores, as
+    """On a CPU, times `dtype` against fp32 on every rank at once (each measures with its share of the cores, as
     for the peak) and warns once when fp32 would train faster."""
-    dtype_tflops, fp32_tflops = sum_over_ranks([measured_cpu_tflops(dtype), measured_cpu_tflops("fp32")], device)
-    warning = slow_16_bit_warning(dtype, dtype_tflops / dist.get_world_size(), fp32_tflops / dist.get_world_size())
+    dtype_seconds, fp32_seconds = sum_over_ranks([linear_layer_seconds(dtype), linear_layer_seconds("fp32")], device)
+    warning = slow_16_bit_warning(dtype, dtype_seconds, fp32_seconds)
     if warning and rank == 0:
         log.warning(warning)
