@@ -63,3 +63,15 @@ def test_a_16_bit_dtype_under_half_fp32s_speed_is_worth_a_warning():
 def test_a_linear_layers_training_time_is_measured_in_the_dtype():
     assert 0 < linear_layer_seconds("fp32") < 10
     assert 0 < linear_layer_seconds("bf16") < 100
+
+
+def test_mfu_is_achieved_over_peak_and_absent_without_a_peak():
+    meter = MfuMeter(flops_per_token=1e9, peak_flops=4e12)
+    assert mfu_metrics(meter, 1000.0) == {"mfu": 0.25}
+    assert mfu_metrics(None, 1000.0) == {}
+
+
+def test_peak_tflops_must_be_positive():
+    with pytest.raises(ConfigError, match="trainer.peak_tflops"):
+        validate(compose(["trainer.peak_tflops=0"]))
+    validate(compose(["trainer.peak_tflops=312"]))
