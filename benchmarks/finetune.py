@@ -34,7 +34,7 @@ threads on 2 cores).
   machine without a GPU; with it accelerate still builds the DeepSpeed engine (DS_ACCELERATOR=cpu).
 - dstrain: the real entry point, `deepspeed --num_gpus 2 launch/train.py` with DSTRAIN_SETTINGS below:
   packing with best_fit_decreasing (the default), and a micro-batch of as many packed rows as hold about the
-  Trainer's 8 samples (chosen from the prepared rows), max_steps = one epoch of rows rounded to whole steps.
+  Trainer's 8 samples at most (chosen from the prepared rows), max_steps = one epoch of rows in whole steps.
 
 How time is taken. Trainer: a TrainerCallback stamps perf_counter at every on_step_end; step k's time is the
 gap between stamps k-1 and k (everything the loop does, data loading included). dstrain: its metrics.jsonl
@@ -281,10 +281,11 @@ def report(args, work: Path) -> None:
 
     samples = len(unpacked.train)
     samples_per_row = samples / len(packed.train)
-    micro_batch = max(1, round(TRAINER_BATCH / samples_per_row))
-    # One epoch of rows in whole steps: the rows of a last partial step are left out or, past half a step,
-    # that step is filled from the next epoch (the Trainer's last batch repeats samples to fill up as well).
-    dstrain_max_steps = max(1, round(len(packed.train) / (micro_batch * RANKS)))
+    # At most the Trainer's 8 samples per micro-batch, so that dstrain takes at least as many optimizer steps
+    # as the Trainer in the epoch: fewer, larger steps would buy speed with a worse loss.
+    micro_batch = max(1, math.floor(TRAINER_BATCH / samples_per_row))
+    # One epoch of rows in whole steps, the last one filled from the next epoch, as the Trainer's last batch is.
+    dstrain_max_steps = math.ceil(len(packed.train) / (micro_batch * RANKS))
     trainer_steps = math.ceil(samples / (TRAINER_BATCH * RANKS))
     lora = {key: getattr(cfg.peft.lora, key) for key in ("r", "alpha", "dropout")}
     lora["target_modules"] = list(cfg.peft.lora.target_modules)
