@@ -45,6 +45,19 @@ def test_merged_export_of_a_bf16_lora_run_equals_peft_merge_on_the_original_base
         torch.testing.assert_close(merged(input_ids=ids).logits, expected(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_the_bf16_lora_run_trained_bf16_weights_with_fp32_masters(smollm2_lora_checkpoint):
+    """What DeepSpeed saved is what it held: the module's weights (the frozen base and the LoRA matrices) in
+    bf16, and the optimizer's master copy of the trainable ones in fp32 (ZeRO-0: DeepSpeed's bf16 optimizer)."""
+    checkpoint = smollm2_lora_checkpoint.parent / smollm2_lora_checkpoint.read_text().strip()
+    saved = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert {tensor.dtype for tensor in saved["module"].values()} == {torch.bfloat16}
+    trainable = sum(tensor.numel() for name, tensor in saved["module"].items() if "lora_" in name)
+    masters = saved["optimizer"]["fp32_groups_flat"]
+    assert {tensor.dtype for tensor in masters} == {torch.float32}
+    assert sum(tensor.numel() for tensor in masters) == trainable > 0
+
+
 def test_a_base_that_changed_since_training_is_refused_naming_the_weight(tmp_path):
     from dstrain.config import TrainConfig
     from transformers import LlamaConfig, LlamaForCausalLM

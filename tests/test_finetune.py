@@ -1,6 +1,6 @@
 """Fine-tuning a real instruct model end to end, as the README's instruction-data example does it: SmolLM2-135M-
-Instruct (tests/conftest.py builds it from its GGUF file) with LoRA under ZeRO-2 in bf16, on 2 CPU ranks under
-the deepspeed launcher, from alpaca, ShareGPT and OpenAI-messages files the tests write. Each format trains
+Instruct (tests/conftest.py builds it from its GGUF file) with LoRA under ZeRO-2, on 2 CPU ranks under the
+deepspeed launcher, from alpaca, ShareGPT and OpenAI-messages files the tests write. Each format trains
 once per module; the tests read what the run left behind (metrics, data report, prepared cache, checkpoint)
 rather than what its config asked for. The alpaca run also scores generated answers at every evaluation and
 stops early, and `dstrain eval` of its best checkpoint gives the numbers the run logged for that step.
@@ -21,17 +21,19 @@ pytestmark = pytest.mark.slow
 
 IGNORE_INDEX = -100
 # Small enough for a 2-core machine: one packed row of 256 tokens per rank and step, about two passes over the
-# alpaca training split in 12 steps. LoRA takes a learning rate far above full fine-tuning's.
+# alpaca training split in 12 steps. LoRA takes a learning rate far above full fine-tuning's. fp32, because a
+# CPU without bf16 instructions (AVX2-only) trains bf16 about 14x slower; bf16 on the real model is checked on
+# tests/conftest.py's smollm2_lora_checkpoint, and on every ZeRO stage by tests/test_engine_claims.py.
 FINETUNE = (
-    "+model=pretrained", "+peft=lora", "+zero=2", "+precision=bf16", "data.seq_len=256",
+    "+model=pretrained", "+peft=lora", "+zero=2", "+precision=fp32", "data.seq_len=256",
     "trainer.micro_batch_size=1", "optim.lr=2e-3", "scheduler.warmup_steps=2", "trainer.eval_batches=2",
     "trainer.save_every=0",
 )
 # The chat runs evaluate twice: half-way and after the last step.
 CHAT_STEPS = 6
 # The alpaca run evaluates (perplexity, and greedy answers to 8 validation prompts scored) every 2 steps of at
-# most 12, and stops once an evaluation lowers eval_loss by no more than 0.05. Measured here: 1.61, 1.51, 1.49
-# at steps 2, 4, 6 (margins of 0.055 and 0.029 to that threshold), so it stops at step 6 with step 4 the best.
+# most 12, and stops once an evaluation lowers eval_loss by no more than 0.05. Measured here: 1.599, 1.500, 1.483
+# at steps 2, 4, 6 (margins of 0.050 and 0.033 to that threshold), so it stops at step 6 with step 4 the best.
 ALPACA_MAX_STEPS, ALPACA_EVAL_EVERY, ALPACA_STOPPED_AT, ALPACA_BEST = 12, 2, 6, 4
 ALPACA_EARLY_STOPPING = (
     f"trainer.eval_every={ALPACA_EVAL_EVERY}", f"eval.generate_every={ALPACA_EVAL_EVERY}", "eval.max_prompts=8",
@@ -371,8 +373,8 @@ def test_alpaca_stops_early_and_keeps_the_best_checkpoint(alpaca_run):
 
 
 def test_dstrain_eval_of_best_gives_the_numbers_the_run_logged_for_that_step(alpaca_run, tmp_path):
-    """A single process, from the consolidated checkpoint, reproduces what 2 ranks of a bf16 ZeRO-2 engine
-    computed: the same validation micro-batches, the same bf16 weights, the same greedy answers."""
+    """A single process, from the consolidated checkpoint, reproduces what 2 ranks of a ZeRO-2 engine computed:
+    the same validation micro-batches, the same weights, the same greedy answers."""
     output = tmp_path / "best.json"
     command = [sys.executable, "-m", "dstrain", "eval", str(alpaca_run.run_dir / "checkpoints" / "best"),
                "--split", "validation", "--output", str(output)]
@@ -431,19 +433,21 @@ def test_only_the_answers_and_their_end_of_turn_count_toward_the_loss(alpaca_run
     assert not any(instruction in span or "<|im_start|>" in span for span in spans for instruction in instructions)
 
 
-def test_the_engine_trained_in_bf16_with_fp32_masters(alpaca_run):
+def test_zero2_saved_the_fp32_module_and_one_optimizer_partition_per_rank(alpaca_run):
     """What DeepSpeed saved is what it held: the module's weights (the frozen base and the LoRA matrices) in
-    bf16, and the optimizer's master copies of the trainable ones in fp32."""
+    fp32 as asked, and the trainable ones' optimizer states split between the 2 ranks, none left out."""
     checkpoint = _final_checkpoint(alpaca_run)
     module = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    assert {tensor.dtype for tensor in module.values()} == {torch.bfloat16}
-    assert any("lora_A" in name for name in module)
+    assert {tensor.dtype for tensor in module.values()} == {torch.float32}
+    trainable = sum(tensor.numel() for name, tensor in module.items() if "lora_" in name)
+    assert trainable > 0
     shards = sorted(checkpoint.glob("*optim_states.pt"))
     assert len(shards) == 2  # ZeRO-2: one partition of the optimizer per rank
-    for shard in shards:
-        optimizer = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        masters = optimizer["single_partition_of_fp32_groups"]
-        assert masters and {tensor.dtype for tensor in masters} == {torch.float32}
+    partitions = [torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+                  ["single_partition_of_fp32_groups"] for shard in shards]
+    sizes = [sum(tensor.numel() for tensor in partition) for partition in partitions]
+    # Each rank holds its half, padded to an even split.
+    assert all(size > 0 for size in sizes) and trainable <= sum(sizes) <= trainable + len(sizes), (sizes, trainable)
 
 
 @pytest.mark.parametrize("data", ["sharegpt", "messages"])
