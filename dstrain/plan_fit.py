@@ -11,7 +11,7 @@ from typing import List, Optional
 from dstrain.config import TrainConfig
 from dstrain.errors import ConfigError
 from dstrain.model_census import ParameterCensus, census
-from dstrain.plan import GB, STAGE3_MAX_LIVE_PARAMETERS, Hardware, MemoryPlan, plan_memory
+from dstrain.plan import ALLREDUCE_BUCKET_ELEMENTS, GB, STAGE3_MAX_LIVE_PARAMETERS, Hardware, MemoryPlan, plan_memory
 
 # A CUDA context with cuBLAS and NCCL workspaces: about 1 GB on current GPUs (it is outside PyTorch's allocator).
 CUDA_RUNTIME_BYTES = 1.0 * GB
@@ -201,7 +201,9 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
         lines.append(f"  one block recomputed  {gb(plan.recompute)} (backward; counted when above the logits)")
     lines += [
         f"  logits and loss       {gb(plan.logits)} (the counted positions' hidden states; one chunk's logits, fp32, and gradients)",
-        f"  DeepSpeed buffers     {gb(plan.buffers)} (reduce bucket {cfg.zero.reduce_bucket_size:,} elements"
+        f"  DeepSpeed buffers     {gb(plan.buffers)} ("
+        + (f"the gradients' all-reduce copy, up to {ALLREDUCE_BUCKET_ELEMENTS:,} elements, after the backward pass"
+           if stage == 0 else f"reduce bucket {cfg.zero.reduce_bucket_size:,} elements")
         + (f", prefetch {cfg.zero.stage3_prefetch_bucket_size:,}, gathered parameters up to "
            f"{STAGE3_MAX_LIVE_PARAMETERS:,}" if stage == 3 else "") + ")",
         f"  = peak in tensors     {gb(plan.tensor_peak)} (in {plan.peak_phase}; backward "
