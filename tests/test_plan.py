@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,7 @@ def test_zero0_counts_the_all_reduce_copy_of_the_gradients_after_the_backward_pa
     plan = plan_memory(cfg, params, Hardware(1e12, 1e12, 2, 1, "cpu", 0))
     assert plan.buffers == 4 * params.trainable
     assert plan.step_peak == plan.model_states + plan.fp32_gradients + plan.buffers == plan.tensor_peak
-    assert plan.backward_peak - plan.model_states - plan.fp32_gradients < plan.buffers  # not in the backward pass
+    assert replace(plan, buffers=0.0).backward_peak == plan.backward_peak  # not in the backward pass
     big = compose(["+model=7b", "+zero=0", "+precision=fp16"])
     assert plan_memory(big, census(big), Hardware(1e12, 1e12, 8, 1, "h100", 0)).buffers == 500_000_000 * 2
 
