@@ -206,6 +206,11 @@ def memory_lines(cfg: TrainConfig, params: ParameterCensus, hardware: Hardware, 
            if stage == 0 else f"reduce bucket {cfg.zero.reduce_bucket_size:,} elements")
         + (f", prefetch {cfg.zero.stage3_prefetch_bucket_size:,}, gathered parameters up to "
            f"{STAGE3_MAX_LIVE_PARAMETERS:,}" if stage == 3 else "") + ")",
+    ]
+    if plan.gather_staging:
+        lines.append(f"  gloo's gather copies  {gb(plan.gather_staging)} (backward; the model gathered again after "
+                     f"the checkpointed forward, every bucket in flight)")
+    lines += [
         f"  = peak in tensors     {gb(plan.tensor_peak)} (in {plan.peak_phase}; backward "
         f"{gb(plan.backward_peak)}, optimizer step {gb(plan.step_peak)}, building in fp32 {gb(plan.build)})",
         f"  runtime               {gb(plan.runtime)} ("
