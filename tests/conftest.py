@@ -16,12 +16,19 @@ from benchmarks.smollm2 import save_smollm2_model, save_smollm2_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "launch" / "train.py"
+LAUNCH_RANKS = REPO / "tests" / "launch_ranks.py"
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launch_ranks(ranks: int) -> list:
+    """The command that starts `ranks` ranks of the script that follows it: tests/launch_ranks.py, which does
+    what `deepspeed --num_gpus N` does on one machine without the launcher's 7 s of start-up."""
+    return [sys.executable, str(LAUNCH_RANKS), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
 
 
 def _env() -> dict:
@@ -47,10 +54,10 @@ class Run:
 
 
 def train(tmp_path: Path, *overrides: str, ranks: int = 2, name: str = "run", check: bool = True, timeout=600):
-    """Run launch/train.py under the deepspeed launcher (ranks >= 1) or as a plain process (ranks=0)."""
+    """Run launch/train.py on `ranks` ranks (tests/launch_ranks.py) or as a plain process (ranks=0)."""
     args = [*overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
     if ranks:
-        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *args]
+        command = [*launch_ranks(ranks), str(TRAIN), *args]
     else:
         command = [sys.executable, str(TRAIN), *args]
     process = subprocess.Popen(

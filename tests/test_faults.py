@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import (
-    CHECKPOINTED_RUN, STANDARD_RUN, TRAIN, _env, _free_port, copy_run, start_ranks_without_a_launcher, train,
+    CHECKPOINTED_RUN, STANDARD_RUN, TRAIN, _env, _free_port, copy_run, launch_ranks, start_ranks_without_a_launcher,
+    train,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -21,11 +22,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.faults]
 RUN = STANDARD_RUN
 
 
-def _start(tmp_path, *overrides, name, ranks=2):
-    command = [
-        "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *overrides,
-        f"run.root={tmp_path / 'outputs'}", f"run.name={name}",
-    ]
+def _start(tmp_path, *overrides, name, ranks=2, deepspeed_launcher=False):
+    launcher = (["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port())] if deepspeed_launcher
+                else launch_ranks(ranks))
+    command = [*launcher, str(TRAIN), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
     return subprocess.Popen(
         command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -111,7 +111,8 @@ def test_stop_signal_to_one_rank_stops_all_at_one_step_and_resume_continues(tmp_
     reference = shared_run(*RUN, "+zero=2", "+precision=fp32")
     overrides = (*RUN, "+zero=2", "trainer.save_every=100")
 
-    process = _start(tmp_path, *overrides, name="preempted")
+    # DeepSpeed's own launcher: it terminates the other rank when the first exits 75.
+    process = _start(tmp_path, *overrides, name="preempted", deepspeed_launcher=True)
     run_dir = tmp_path / "outputs" / "preempted"
     _wait_for(run_dir / "metrics.jsonl", process)
     ranks = _ranks(process)
@@ -216,10 +217,7 @@ SHORT = ("trainer.max_steps=10", "scheduler.warmup_steps=2", "trainer.eval_every
 
 
 def _train_with_nan(tmp_path, nan_steps, *overrides, name):
-    command = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(NAN_LOSS), *overrides,
-        f"run.root={tmp_path / 'outputs'}", f"run.name={name}",
-    ]
+    command = [*launch_ranks(2), str(NAN_LOSS), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
     return subprocess.run(
         command, cwd=tmp_path, env=dict(_env(), NAN_STEPS=nan_steps), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, timeout=600,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, _env, _free_port
+from conftest import REPO, _env, launch_ranks
 from dstrain.config import ModelConfig
 from dstrain.data import IGNORE_INDEX, counted_tokens
 from dstrain.loss import step_loss, summed_token_loss
@@ -79,7 +79,7 @@ def test_micro_batches_weigh_by_their_counted_tokens_in_value_and_gradient():
 
 def _probe(tmp_path, name: str, micro_batch_size: int, ranks: int):
     out = tmp_path / f"{name}.pt"
-    launcher = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port())] if ranks > 1 else [sys.executable]
+    launcher = launch_ranks(ranks) if ranks > 1 else [sys.executable]
     done = subprocess.run([*launcher, str(PROBE), str(out), str(micro_batch_size)], cwd=tmp_path, env=_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, _env, _free_port, train
+from conftest import REPO, _env, launch_ranks, train
 from dstrain.compose import compose
 from dstrain.model_census import census
 from dstrain.plan import Hardware, plan_memory
@@ -126,8 +126,7 @@ def cell_overrides(model, zero, checkpointing, peft):
 def measured_peaks(tmp_path, overrides, steps=2):
     """Each rank's peak bytes in tensors (setup or steps, whichever is higher), from the probe's real run."""
     output = tmp_path / "peaks"
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(PROBE), str(output),
-               str(steps), *overrides]
+    command = [*launch_ranks(2), str(PROBE), str(output), str(steps), *overrides]
     done = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     ranks = [json.loads(path.read_text()) for path in sorted(output.glob("rank*.json"))]

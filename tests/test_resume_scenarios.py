@@ -31,7 +31,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import TRAIN, _env, _free_port, train
+from conftest import TRAIN, _env, launch_ranks, train
 
 CI_SEEDS = (1, 2, 3)
 RELEASE_DRAWS = int(os.environ.get("DSTRAIN_RESUME_DRAWS", "20"))
@@ -108,7 +108,7 @@ def _final_weights(run_dir, step):
 def _start(tmp_path, scenario: Scenario):
     args = [*scenario.overrides(), f"run.root={tmp_path / 'outputs'}", "run.name=interrupted"]
     if scenario.ranks > 1:
-        command = ["deepspeed", "--num_gpus", str(scenario.ranks), "--master_port", str(_free_port()), str(TRAIN)]
+        command = [*launch_ranks(scenario.ranks), str(TRAIN)]
     else:
         command = [sys.executable, str(TRAIN)]
     return subprocess.Popen([*command, *args], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, STANDARD_RUN, TRAIN, _env, _free_port, train
+from conftest import REPO, STANDARD_RUN, TRAIN, _env, launch_ranks, train
 from dstrain import commands
 from dstrain.errors import ConfigError
 from dstrain.runlock import LOCK_FILE, RunDirInUse, RunLock, hold_run_dir, live_holder, live_jobs_for
@@ -144,8 +144,7 @@ LONG_RUN = (*STANDARD_RUN[1:], "trainer.max_steps=100000", "trainer.save_every=0
 
 
 def _start(tmp_path, *overrides, name):
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), *overrides,
-               f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
+    command = [*launch_ranks(2), str(TRAIN), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
     return subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 

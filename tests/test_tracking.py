@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TRAIN, _env, _free_port, start_ranks_without_a_launcher, train
+from conftest import REPO, TRAIN, _env, launch_ranks, start_ranks_without_a_launcher, train
 from wandb_offline import find_runs, read_history
 
 pytestmark = pytest.mark.slow
@@ -26,10 +26,7 @@ def _offline_env(**extra) -> dict:
 
 
 def _train_tracked(tmp_path, *overrides, name, env, ranks=2, check=True):
-    command = [
-        "deepspeed", "--num_gpus", str(ranks), "--master_port", str(_free_port()), str(TRAIN), *overrides,
-        f"run.root={tmp_path / 'outputs'}", f"run.name={name}",
-    ]
+    command = [*launch_ranks(ranks), str(TRAIN), *overrides, f"run.root={tmp_path / 'outputs'}", f"run.name={name}"]
     completed = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, timeout=600)
     if check and completed.returncode != 0:
