@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dstrain.deepspeed_ops import load_op
 from dstrain.errors import ConfigError
 
 # MASTER_PORT under SLURM = PORT_BASE + job id % PORT_SPAN, in 10000-59999. Two jobs on one node collide only if
@@ -55,6 +56,9 @@ def init_distributed(timeout: timedelta):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    if accelerator.device_name() == "cpu":
+        # The shared-memory collectives DeepSpeed's CPU backend loads as the group starts.
+        load_op("ShareMemCommBuilder")
     deepspeed.init_distributed(
         dist_backend=accelerator.communication_backend_name(), timeout=timeout, verbose=False
     )

@@ -29,6 +29,7 @@ from dstrain.compose import save_run_config
 from dstrain.config import TrainConfig, flatten
 from dstrain.data import Batch, BatchPlan, build_tokenizer, counted_tokens, eval_batches, pad_id
 from dstrain.deepspeed_config import build_deepspeed_config
+from dstrain.deepspeed_ops import load_op
 from dstrain.distributed import (
     from_rank_zero, init_distributed, local_device, rank_zero_first, require_same_on_all_ranks, seed_everything, sum_over_ranks,
 )
@@ -203,6 +204,7 @@ def build_engine(cfg: TrainConfig, tokenizer, ds_config: dict, run_dir: Path, ra
     if resume_from is not None and checkpoints.needs_universal(resume_from):
         checkpoints.convert_to_universal(resume_from)
         ds_config["checkpoint"] = {"load_universal": True}
+    load_op("CPUAdamBuilder" if cfg.zero.offload_optimizer else "FusedAdamBuilder")
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=optimizer_groups(model, cfg),

@@ -334,3 +334,24 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_in_charge(tmp_path
     assert "at step 2" in resumed.output
     assert not staging.exists()
     assert (checkpoints / "step_00000004" / "manifest.json").is_file()
+
+
+def test_a_lock_left_by_a_process_killed_while_loading_deepspeeds_ops_does_not_hang_the_next_run(tmp_path):
+    """torch.utils.cpp_extension's lock file in an op's build directory, as a process killed while it loaded
+    the op leaves it: without dstrain's own lock every later run would wait for it forever."""
+    from dstrain.deepspeed_ops import op_build_directory
+
+    stale = [op_build_directory(name) / "lock" for name in ("deepspeed_shm_comm", "fused_adam")]
+    for lock in stale:
+        lock.touch()
+    try:
+        run = train(tmp_path, "trainer.max_steps=2", "scheduler.warmup_steps=1", "trainer.eval_every=0",
+                    timeout=180)
+    finally:
+        leftover = [lock for lock in stale if lock.exists()]
+        for lock in leftover:
+            lock.unlink()
+    assert not leftover
+    assert "done: step 2 of 2" in run.output
+    for lock in stale:
+        assert f"deleting {lock}, left by a process killed while it loaded" in run.output
