@@ -31,6 +31,21 @@ def launch_ranks(ranks: int) -> list:
     return [sys.executable, str(LAUNCH_RANKS), "--num_gpus", str(ranks), "--master_port", str(_free_port())]
 
 
+def rank_processes(launcher: subprocess.Popen) -> list:
+    """The ranks a launcher started (the processes given --local_rank). What else runs below it at the moment
+    may exit while being listed (a rank's short-lived ninja, loading an op), and is skipped."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if any(arg.startswith("--local_rank") for arg in child.cmdline()):
+                ranks.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return ranks
+
+
 def _env() -> dict:
     # PYTHONFAULTHANDLER: a run that hangs past its timeout is sent SIGABRT and prints where every thread was.
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")

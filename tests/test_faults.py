@@ -8,13 +8,12 @@ import signal
 import subprocess
 import time
 
-import psutil
 import pytest
 import torch
 
 from conftest import (
-    CHECKPOINTED_RUN, STANDARD_RUN, TRAIN, _env, _free_port, copy_run, launch_ranks, start_ranks_without_a_launcher,
-    train,
+    CHECKPOINTED_RUN, STANDARD_RUN, TRAIN, _env, _free_port, copy_run, launch_ranks, rank_processes,
+    start_ranks_without_a_launcher, train,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -42,10 +41,6 @@ def _wait_for(path, process, timeout=300):
             os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(f"{path} never appeared")
         time.sleep(0.005)
-
-
-def _ranks(process):
-    return [child for child in psutil.Process(process.pid).children(recursive=True) if "train.py" in " ".join(child.cmdline()) and "--local_rank" in " ".join(child.cmdline())]
 
 
 def _last_losses(run_dir):
@@ -115,7 +110,7 @@ def test_stop_signal_to_one_rank_stops_all_at_one_step_and_resume_continues(tmp_
     process = _start(tmp_path, *overrides, name="preempted", deepspeed_launcher=True)
     run_dir = tmp_path / "outputs" / "preempted"
     _wait_for(run_dir / "metrics.jsonl", process)
-    ranks = _ranks(process)
+    ranks = rank_processes(process)
     assert len(ranks) == 2
     ranks[-1].send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=300)
@@ -272,7 +267,7 @@ def test_stop_signal_during_a_step_longer_than_the_grace_period_exits_without_sa
     run_dir = tmp_path / "outputs" / "grace"
     _wait_for(run_dir / "checkpoints" / "step_00000001" / "manifest.json", process)
     signalled = time.monotonic()
-    for rank in _ranks(process):
+    for rank in rank_processes(process):
         rank.send_signal(signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 75, output[-4000:]

@@ -27,11 +27,10 @@ import shutil
 from dataclasses import dataclass
 from typing import Tuple
 
-import psutil
 import pytest
 import torch
 
-from conftest import TRAIN, _env, launch_ranks, train
+from conftest import TRAIN, _env, launch_ranks, rank_processes, train
 
 CI_SEEDS = (1, 2, 3)
 RELEASE_DRAWS = int(os.environ.get("DSTRAIN_RESUME_DRAWS", "20"))
@@ -135,10 +134,7 @@ def _interrupt(tmp_path, scenario: Scenario) -> str:
     if scenario.how == "sigkill":
         os.killpg(process.pid, signal.SIGKILL)
     else:
-        ranks = [process.pid] if scenario.ranks == 1 else [
-            child.pid for child in psutil.Process(process.pid).children(recursive=True)
-            if "--local_rank" in " ".join(child.cmdline())
-        ]
+        ranks = [process.pid] if scenario.ranks == 1 else [rank.pid for rank in rank_processes(process)]
         os.kill(ranks[-1], signal.SIGUSR1)
     output, _ = process.communicate(timeout=600)
     if scenario.how == "sigusr1":

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, STANDARD_RUN, TRAIN, _env, launch_ranks, train
+from conftest import REPO, STANDARD_RUN, TRAIN, _env, launch_ranks, rank_processes, train
 from dstrain import commands
 from dstrain.errors import ConfigError
 from dstrain.runlock import LOCK_FILE, RunDirInUse, RunLock, hold_run_dir, live_holder, live_jobs_for
@@ -158,11 +158,6 @@ def _wait_for(path, process, timeout=300):
         time.sleep(0.05)
 
 
-def _ranks(process):
-    return [child for child in psutil.Process(process.pid).children(recursive=True)
-            if "--local_rank" in " ".join(child.cmdline())]
-
-
 def _steps(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -174,7 +169,7 @@ def test_a_second_run_in_a_live_run_directory_exits_2_naming_the_holder_and_the_
     try:
         _wait_for(run_dir / "metrics.jsonl", first)
         holder = json.loads((run_dir / LOCK_FILE).read_text())
-        rank0 = next(rank for rank in _ranks(first) if "--local_rank=0" in rank.cmdline())
+        rank0 = next(rank for rank in rank_processes(first) if "--local_rank=0" in rank.cmdline())
         assert holder["pid"] == rank0.pid
 
         saved_config = (run_dir / ".hydra" / "config.yaml").read_text()
@@ -197,7 +192,7 @@ def test_a_second_run_in_a_live_run_directory_exits_2_naming_the_holder_and_the_
         while len(_steps(run_dir)) < steps_at_refusal + 3:
             assert first.poll() is None and time.monotonic() < deadline, "the first run stopped training"
             time.sleep(0.05)
-        for rank in _ranks(first):
+        for rank in rank_processes(first):
             rank.send_signal(signal.SIGUSR1)
         output, _ = first.communicate(timeout=300)
         assert first.returncode == 75, output[-4000:]
@@ -215,7 +210,7 @@ def test_a_sigkilled_run_leaves_no_lock_that_blocks_its_rerun(tmp_path):
     killed = _start(tmp_path, *overrides, name="killed")
     run_dir = tmp_path / "outputs" / "killed"
     _wait_for(run_dir / "checkpoints" / "step_00000004" / "manifest.json", killed)
-    ranks = _ranks(killed)
+    ranks = rank_processes(killed)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     # Killed is not yet gone: the kernel lets go of the lock when the process has finished exiting.
